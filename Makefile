@@ -1,0 +1,29 @@
+# The two commands of the README: `make run` and `make test`.
+# Both set everything up from the lock files on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint lock bench clean
+
+$(VENV)/.installed: requirements-lock.txt requirements-dev-lock.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --require-hashes -r requirements-lock.txt -r requirements-dev-lock.txt
+	touch $@
+
+# Proxies a small demo origin on 127.0.0.1 (no next-hop needed): open http://127.0.0.1:8080/
+run: $(VENV)/.installed
+	$(PY) -m proxy.demo
+
+test: $(VENV)/.installed
+	@command -v logrotate >/dev/null || (apt-get update -qq && apt-get install -y -qq logrotate >/dev/null)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lock:
+	$(VENV)/bin/pip install --quiet pip-tools
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --no-emit-index-url --no-emit-find-links --allow-unsafe --strip-extras -o requirements-lock.txt requirements.txt
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --no-emit-index-url --no-emit-find-links --allow-unsafe --strip-extras -o requirements-dev-lock.txt requirements-dev.txt
+
+clean:
+	rm -rf $(VENV)

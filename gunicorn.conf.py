@@ -1,0 +1,98 @@
+"""Gunicorn configuration: ``gunicorn -c gunicorn.conf.py`` starts the proxy.
+
+Gunicorn runs this file in the master at start-up and again on every SIGHUP
+reload. Deployment settings come from the environment (``proxy.settings``);
+the user's ``proxy.toml`` is parsed here, in the master, and workers inherit
+the parsed object through fork. A reload whose configuration is invalid
+keeps the previous one: nothing is ever half-applied.
+"""
+
+import os
+import resource
+import sys
+
+# gevent's default resolver runs getaddrinfo() in a thread: /etc/hosts first,
+# then /etc/resolv.conf, as the platform contract requires. Set explicitly so
+# an inherited GEVENT_RESOLVER (ares ignores /etc/hosts) cannot change that.
+os.environ["GEVENT_RESOLVER"] = "thread"
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from proxy import config as proxy_config  # noqa: E402
+from proxy import settings as proxy_settings  # noqa: E402
+from proxy.logs import error_log, logging_config  # noqa: E402
+
+_settings = proxy_settings.from_environ()
+
+wsgi_app = "proxy.app:create_app()"
+worker_class = "proxy.worker.ProxyWorker"
+bind = [f"0.0.0.0:{_settings.port}"]
+workers = _settings.workers
+worker_connections = proxy_settings.WORKER_CONNECTIONS
+backlog = 4096
+keepalive = proxy_settings.KEEPALIVE_TIMEOUT
+graceful_timeout = proxy_settings.GRACEFUL_TIMEOUT
+# The master kills a worker that stops heart-beating this long; gevent
+# workers heart-beat from their own greenlet, so long requests are fine.
+timeout = 30
+pidfile = str(_settings.pidfile)
+proc_name = "edge-proxy"
+
+# Plain HTTP/1.1 only, the pure-Python parser (its request-smuggling
+# defences are the ones our hostile-input tests prove), any method token.
+http_protocols = "h1"
+http_parser = "python"
+permit_unconventional_http_method = True
+control_socket_disable = True
+# No client may rewrite the WSGI environment through headers.
+forwarder_headers = ""
+forwarded_allow_ips = "127.0.0.1,::1"
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+
+accesslog = None
+errorlog = str(_settings.error_log) if _settings.log_target == "file" else "-"
+capture_output = _settings.log_target == "file"
+logconfig_dict = logging_config(_settings)
+
+
+def _prepare_directories() -> None:
+    if _settings.log_target == "file":
+        _settings.log_dir.mkdir(parents=True, exist_ok=True)
+    _settings.run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _raise_open_files_limit() -> None:
+    """Each client connection and each upstream connection is a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
+_prepare_directories()
+_raise_open_files_limit()
+
+
+def on_starting(server) -> None:
+    """Refuse to start on an invalid configuration, saying why."""
+    try:
+        proxy_config.active = proxy_config.load(_settings.config_dir)
+    except proxy_config.ConfigError as exc:
+        sys.stderr.write(f"invalid configuration, not starting:\n{exc}\n")
+        raise SystemExit(1) from None
+
+
+def on_reload(server) -> None:
+    """Apply the new configuration to the next generation of workers, or keep
+    the current one if the new one is invalid."""
+    try:
+        proxy_config.active = proxy_config.load(_settings.config_dir)
+    except proxy_config.ConfigError as exc:
+        error_log.error("reload: invalid configuration, keeping the previous one: %s", exc)
+    else:
+        error_log.info("reload: configuration applied from %s", _settings.config_dir)

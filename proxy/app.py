@@ -1,0 +1,415 @@
+"""The WSGI app: platform rules, the user's middleware, then next-hop.
+
+Request path, outermost first:
+
+1. ``Proxy.__call__`` starts the access record and guarantees one access
+   line per request, whatever happens below.
+2. Platform rules: CONNECT is refused, the health check goes straight to
+   next-hop, then the user's HTTPS redirect, access control, body limit.
+3. The user's middleware, if configured (``extension``).
+4. ``Proxy.forward``: stream the request to next-hop and the answer back.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.response import BaseHTTPResponse
+
+from . import config as config_module
+from . import settings as settings_module
+from .config import HEALTHZ_PATH, ProxyConfig
+from .extension import ExtensionError, WSGIApp, wrap
+from .headers import HeaderList, downstream_response_headers, upstream_request_headers
+from .logs import access_log, error_log, iso_time
+from .tunnel import ALREADY_HANDLED, is_upgrade, tunnel
+from .upstream import BLOCK_SIZE, ClientBodyError, RequestBody, Upstream, UpstreamError, upstream_target
+
+StartResponse = Callable[..., Callable[[bytes], object]]
+
+_REASONS = {code: http.client.responses.get(code, "") for code in range(100, 600)}
+_PID = os.getpid()
+
+
+class BodyTooLarge(Exception):
+    """The client's body passed ``upstream.max_body_bytes``."""
+
+
+class LimitedBody(RequestBody):
+    """A chunked request body that stops at the configured limit."""
+
+    __slots__ = ("_limit",)
+
+    def __init__(self, wsgi_input, limit: int) -> None:
+        super().__init__(wsgi_input, None)
+        self._limit = limit
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in super().__iter__():
+            if self.bytes_read > self._limit:
+                raise BodyTooLarge()
+            yield chunk
+
+
+class Exchange:
+    """What the access line says about one request; filled in as it goes."""
+
+    __slots__ = (
+        "environ",
+        "start",
+        "start_perf",
+        "request_id",
+        "status",
+        "content_type",
+        "header_bytes",
+        "body_bytes",
+        "request_body",
+        "upstream_status",
+        "connect_s",
+        "first_byte_s",
+        "upstream_end",
+        "outcome",
+        "tunnel_bytes_up",
+    )
+
+    def __init__(self, environ: dict) -> None:
+        self.environ = environ
+        self.start = time.time()
+        self.start_perf = time.perf_counter()
+        self.request_id = environ.get("HTTP_X_REQUEST_ID") or os.urandom(16).hex()
+        self.status = 0
+        self.content_type = None
+        self.header_bytes = 0
+        self.body_bytes = 0
+        self.request_body: RequestBody | None = None
+        self.upstream_status: int | None = None
+        self.connect_s: float | None = None
+        self.first_byte_s: float | None = None
+        self.upstream_end: float | None = None
+        #: ``ok``, ``client_abort``, ``client_error``, ``upstream_error`` or ``error``.
+        self.outcome = "ok"
+        self.tunnel_bytes_up: int | None = None
+
+    def start_response(self, start_response: StartResponse) -> StartResponse:
+        """Wrap the server's start_response to note status and headers."""
+
+        def noting(status: str, headers: list, exc_info=None):
+            self.status = int(status[:3])
+            size = len(status) + 11
+            for name, value in headers:
+                size += len(name) + len(value) + 4
+                if name.lower() == "content-type":
+                    self.content_type = value
+            self.header_bytes = size
+            return start_response(status, headers, exc_info)
+
+        return noting
+
+    def fields(self) -> dict:
+        env = self.environ
+        now = time.perf_counter()
+        method = env.get("REQUEST_METHOD", "")
+        target = env.get("RAW_URI", "")
+        protocol = env.get("SERVER_PROTOCOL", "")
+        body = self.request_body
+        end = self.upstream_end
+        return {
+            "time": iso_time(self.start),
+            "time_taken_s": round(now - self.start_perf, 6),
+            "request": f"{method} {target} {protocol}",
+            "status": self.status,
+            "bytes": self.header_bytes + self.body_bytes if self.status else 0,
+            "response_body_bytes": self.body_bytes,
+            "content_type": self.content_type,
+            "hostname": env.get("HTTP_HOST"),
+            "referrer": env.get("HTTP_REFERER"),
+            "useragent": env.get("HTTP_USER_AGENT"),
+            "http_x_forwarded_proto": env.get("HTTP_X_FORWARDED_PROTO"),
+            "upstream_status": self.upstream_status,
+            "section_io_id": env.get("HTTP_SECTION_IO_ID"),
+            "method": method,
+            "target": target,
+            "protocol": protocol,
+            "remote_addr": env.get("REMOTE_ADDR"),
+            "true_client_ip": env.get("HTTP_TRUE_CLIENT_IP"),
+            "x_forwarded_for": env.get("HTTP_X_FORWARDED_FOR"),
+            "request_body_bytes": body.bytes_read if body else 0,
+            "upstream_connect_s": None if self.connect_s is None else round(self.connect_s, 6),
+            "upstream_first_byte_s": None if self.first_byte_s is None else round(self.first_byte_s, 6),
+            "upstream_total_s": None if end is None else round(end - self.start_perf, 6),
+            "request_id": self.request_id,
+            "worker_pid": _PID,
+            "outcome": self.outcome,
+            **({"tunnel_bytes_up": self.tunnel_bytes_up} if self.tunnel_bytes_up is not None else {}),
+        }
+
+
+class _Logged:
+    """Passes the response body through, writing the access line on close()."""
+
+    __slots__ = ("_body", "_exchange", "_done")
+
+    def __init__(self, body: Iterable[bytes], exchange: Exchange) -> None:
+        self._body = body
+        self._exchange = exchange
+        self._done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        exchange = self._exchange
+        for chunk in self._body:
+            exchange.body_bytes += len(chunk)
+            yield chunk
+        self._done = True
+
+    def close(self) -> None:
+        exchange = self._exchange
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not self._done and exchange.outcome == "ok":
+                exchange.outcome = "client_abort"
+            access_log.info(exchange.fields())
+
+
+def respond(
+    start_response: StartResponse,
+    status: int,
+    body: bytes = b"",
+    headers: list | None = None,
+    content_type: str = "text/plain; charset=utf-8",
+    close: bool = False,
+) -> list[bytes]:
+    """A response made by the proxy itself."""
+    if not body and status >= 400:
+        body = f"{status} {_REASONS[status]}\n".encode()
+    out = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+    if headers:
+        out.extend(headers)
+    if close:
+        out.append(("Connection", "close"))
+    start_response(f"{status} {_REASONS[status]}", out)
+    return [body]
+
+
+def _client_ip(environ: dict):
+    try:
+        return ipaddress.ip_address(environ.get("HTTP_TRUE_CLIENT_IP", "").strip())
+    except ValueError:
+        return None
+
+
+class Proxy:
+    """The WSGI application Gunicorn runs in each worker."""
+
+    def __init__(self, config: ProxyConfig, upstream: Upstream) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.user_app: WSGIApp = self.forward
+        if config.middleware is not None:
+            module, factory = config.middleware
+            try:
+                self.user_app = wrap(self.forward, module, factory)
+            except ExtensionError as exc:
+                error_log.error("middleware not loaded, answering 500 except to the health check: %s", exc)
+                self.user_app = self._broken_middleware
+
+    # -- 1. the access record -------------------------------------------------
+
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        exchange = Exchange(environ)
+        environ["proxy.exchange"] = exchange
+        noting = exchange.start_response(start_response)
+        try:
+            body = self.route(environ, noting)
+        except Exception:
+            exchange.outcome = "error"
+            error_log.exception(
+                "unexpected error handling %s %s", environ.get("REQUEST_METHOD"), environ.get("RAW_URI")
+            )
+            body = respond(noting, 500, close=True)
+        if body is ALREADY_HANDLED:  # a finished tunnel: the socket is closed
+            access_log.info(exchange.fields())
+            return body
+        return _Logged(body, exchange)
+
+    # -- 2. platform and user rules ---------------------------------------------
+
+    def route(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] == "CONNECT":
+            return respond(start_response, 405, headers=[("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
+        raw_uri = environ["RAW_URI"]
+        if raw_uri.startswith(HEALTHZ_PATH) and raw_uri[len(HEALTHZ_PATH) : len(HEALTHZ_PATH) + 1] in ("", "?"):
+            return self.forward(environ, start_response)
+        config = self.config
+        if config.https_redirect and environ.get("HTTP_X_FORWARDED_PROTO", "").lower() != "https":
+            target = upstream_target(raw_uri)
+            if not target.startswith(config.redirect_exempt or "\0"):
+                host = environ.get("HTTP_HOST", "")
+                if host:
+                    return respond(
+                        start_response, config.https_redirect, headers=[("Location", f"https://{host}{target}")]
+                    )
+        if config.allow or config.deny:
+            ip = _client_ip(environ)
+            if (ip is not None and any(ip in net for net in config.deny)) or (
+                config.allow and (ip is None or not any(ip in net for net in config.allow))
+            ):
+                return respond(start_response, 403)
+        limit = config.max_body_bytes
+        if limit is not None and environ.get("CONTENT_LENGTH") and int(environ["CONTENT_LENGTH"]) > limit:
+            return respond(start_response, 413, close=True)
+        return self.user_app(environ, start_response)
+
+    def _broken_middleware(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        environ["proxy.exchange"].outcome = "error"
+        return respond(start_response, 500)
+
+    # -- 4. next-hop --------------------------------------------------------------
+
+    def forward(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        exchange: Exchange = environ["proxy.exchange"]
+        config = self.config
+        if is_upgrade(environ):
+            return tunnel(self, environ, start_response, exchange)
+        headers = upstream_request_headers(environ, exchange.request_id)
+        if config.request_headers:
+            headers = HeaderList(config.request_headers.apply(headers))
+        body, chunked = self._request_body(environ)
+        exchange.request_body = body
+        try:
+            response, timing = self.upstream.send(
+                environ["REQUEST_METHOD"], upstream_target(environ["RAW_URI"]), headers, body, chunked
+            )
+        except BodyTooLarge:
+            return respond(start_response, 413, close=True)
+        except ClientBodyError as exc:
+            exchange.outcome = "client_error"
+            error_log.warning(
+                "%s %s -> 400: %s",
+                environ["REQUEST_METHOD"],
+                environ["RAW_URI"],
+                exc,
+                extra={"request_id": exchange.request_id},
+            )
+            return respond(start_response, 400, close=True)
+        except UpstreamError as exc:
+            return self.upstream_failed(environ, start_response, exc)
+        exchange.connect_s = timing.connect_s
+        exchange.first_byte_s = timing.first_byte_s
+        status = exchange.upstream_status = response.status
+        if status in config.error_pages:
+            _discard(response)
+            exchange.upstream_end = time.perf_counter()
+            return self.error_page(start_response, status, response.headers.get("Retry-After"))
+        try:
+            out = downstream_response_headers(response.headers.items(), response.headers.get("Connection"))
+            if config.response_headers:
+                out = config.response_headers.apply(out)
+            start_response(f"{status} {response.reason or _REASONS.get(status, '')}", out)
+        except (ValueError, TypeError) as exc:
+            _discard(response)
+            return self.upstream_failed(
+                environ, start_response, UpstreamError(502, f"unusable response head from next-hop: {exc}")
+            )
+        return _relay(response, exchange, environ)
+
+    def _request_body(self, environ: dict) -> tuple[RequestBody | None, bool]:
+        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            limit = self.config.max_body_bytes
+            if limit is None:
+                return RequestBody(environ["wsgi.input"], None), True
+            return LimitedBody(environ["wsgi.input"], limit), True
+        length = environ.get("CONTENT_LENGTH")
+        if length and length != "0":
+            return RequestBody(environ["wsgi.input"], int(length)), False
+        return None, False
+
+    def upstream_failed(self, environ: dict, start_response: StartResponse, exc: UpstreamError) -> list[bytes]:
+        exchange: Exchange = environ["proxy.exchange"]
+        exchange.outcome = "upstream_error"
+        exchange.upstream_end = time.perf_counter()
+        error_log.error(
+            "%s %s -> %d: %s",
+            environ["REQUEST_METHOD"],
+            environ["RAW_URI"],
+            exc.status,
+            exc.reason,
+            extra={"request_id": exchange.request_id},
+        )
+        return self.error_page(start_response, exc.status)
+
+    def error_page(self, start_response: StartResponse, status: int, retry_after: str | None = None) -> list[bytes]:
+        headers = [("Retry-After", retry_after)] if retry_after else None
+        page = self.config.error_pages.get(status)
+        if page is None:
+            return respond(start_response, status, headers=headers)
+        return respond(start_response, status, page.body, headers, page.content_type)
+
+
+def _discard(response: BaseHTTPResponse) -> None:
+    """Drop an upstream response we will not relay, and its connection."""
+    response.close()
+    response.release_conn()
+
+
+def _relay(response: BaseHTTPResponse, exchange: Exchange, environ: dict) -> Iterator[bytes]:
+    """Stream next-hop's body to the client as it arrives.
+
+    If next-hop fails mid-body the client connection is shut down, so the
+    client sees a truncated transfer, never a short body passed off as
+    complete. A half-read upstream connection is closed, not pooled.
+    """
+    read1 = response.read1
+    complete = False
+    try:
+        while True:
+            chunk = read1(BLOCK_SIZE, decode_content=False)
+            if not chunk:
+                break
+            yield chunk
+        complete = True
+    except (Urllib3Error, http.client.HTTPException, OSError) as exc:
+        exchange.outcome = "upstream_error"
+        error_log.error(
+            "%s %s: next-hop failed mid-response after %d body bytes, closing client connection: %r",
+            environ["REQUEST_METHOD"],
+            environ["RAW_URI"],
+            exchange.body_bytes,
+            exc,
+            extra={"request_id": exchange.request_id},
+        )
+        try:
+            environ["gunicorn.socket"].shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    finally:
+        exchange.upstream_end = time.perf_counter()
+        if not complete:
+            response.close()
+        response.release_conn()
+
+
+def create_app() -> Proxy:
+    """Gunicorn's app factory: runs in each worker after fork.
+
+    The configuration was parsed and validated by the master (see
+    gunicorn.conf.py), so workers of one generation all share it.
+    """
+    settings = settings_module.from_environ()
+    config = config_module.active or config_module.load(settings.config_dir)
+    upstream = Upstream(
+        settings.next_hop_host,
+        settings.next_hop_port,
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        maxsize=settings_module.WORKER_CONNECTIONS,
+    )
+    return Proxy(config, upstream)

@@ -1,0 +1,210 @@
+"""The upstream client: one urllib3 pool to next-hop per worker.
+
+Created after fork (from the app factory), shared by every greenlet of the
+worker. Retries and redirects are off: a streamed body cannot be replayed
+and a proxy relays redirects. The one exception is a pooled connection the
+origin closed while it sat idle, which is retried once before any request
+body byte has been read (see ``send``).
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from urllib3 import HTTPConnectionPool, PoolManager
+from urllib3.connection import HTTPConnection
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+from urllib3.response import BaseHTTPResponse
+from urllib3.util import SKIP_HEADER, Timeout
+
+from .headers import HeaderList
+
+#: Bytes read from a socket at a time, in both directions.
+BLOCK_SIZE = 64 * 1024
+
+#: Headers urllib3 would invent when the client did not send them; a
+#: ``SKIP_HEADER`` value tells it not to, and is never sent itself.
+_NO_INVENTED_HEADERS = (
+    ("Host", SKIP_HEADER),
+    ("User-Agent", SKIP_HEADER),
+    ("Accept-Encoding", SKIP_HEADER),
+)
+
+#: The socket errors that mean "the pooled connection was already dead".
+_STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+def upstream_target(raw_uri: str) -> str:
+    """The request target for next-hop, byte for byte; absolute-form
+    (``http://host/path``) is reduced to its path and query."""
+    if raw_uri.startswith("/") or raw_uri == "*":
+        return raw_uri
+    scheme, sep, rest = raw_uri.partition("://")
+    if sep and scheme.isalpha():
+        slash = rest.find("/")
+        query = rest.find("?")
+        if slash == -1 or (query != -1 and query < slash):
+            return "/" + rest[query:] if query != -1 else "/"
+        return rest[slash:]
+    return raw_uri
+
+
+class UpstreamError(Exception):
+    """next-hop could not give an answer; ``status`` is what the client gets."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class ClientBodyError(Exception):
+    """Reading the client's request body failed (bad chunked framing, or the
+    client went away); the request cannot be completed."""
+
+
+class TimedConnection(HTTPConnection):
+    """Records how long the TCP connect took, for the access log."""
+
+    connect_s = 0.0
+
+    def connect(self) -> None:
+        start = time.perf_counter()
+        super().connect()
+        self.connect_s = time.perf_counter() - start
+
+
+class RequestBody:
+    """The client's body as an iterator, remembering whether reading began."""
+
+    __slots__ = ("_input", "_remaining", "started", "bytes_read")
+
+    def __init__(self, wsgi_input, length: int | None) -> None:
+        self._input = wsgi_input
+        self._remaining = length
+        self.started = False
+        self.bytes_read = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.started = True
+        read = self._input.read
+        remaining = self._remaining
+        while remaining is None or remaining > 0:
+            try:
+                chunk = read(BLOCK_SIZE if remaining is None else min(BLOCK_SIZE, remaining))
+            except Exception as exc:
+                raise ClientBodyError(f"reading the request body failed: {exc!r}") from exc
+            if not chunk:
+                break
+            self.bytes_read += len(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+            yield chunk
+
+
+@dataclass(frozen=True)
+class Timing:
+    connect_s: float
+    first_byte_s: float
+
+
+class Upstream:
+    """Sends requests to next-hop through the worker's PoolManager."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        connect_timeout: float,
+        read_timeout: float,
+        maxsize: int,
+    ) -> None:
+        self.manager = PoolManager(
+            num_pools=2,
+            maxsize=maxsize,
+            block=False,
+            retries=False,
+            timeout=Timeout(connect=connect_timeout, read=read_timeout),
+        )
+        self.manager.pool_classes_by_scheme = {"http": _Pool, "https": _Pool}
+        self.pool: HTTPConnectionPool = self.manager.connection_from_host(host, port, scheme="http")
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: HeaderList,
+        body: RequestBody | None,
+        chunked: bool,
+    ) -> tuple[BaseHTTPResponse, Timing]:
+        """Send one request; return the response with its head read.
+
+        Raises UpstreamError with the status the client should get.
+        """
+        headers.extend(_NO_INVENTED_HEADERS)
+        start = time.perf_counter()
+        for attempt in (1, 2):
+            try:
+                response = self.pool.urlopen(
+                    method,
+                    target if target.startswith("/") else "/",
+                    target=target,
+                    body=body,
+                    headers=headers,
+                    chunked=chunked,
+                    retries=False,
+                    redirect=False,
+                    assert_same_host=False,
+                    preload_content=False,
+                    decode_content=False,
+                    release_conn=False,
+                )
+            except ProtocolError as exc:
+                cause = exc.args[1] if len(exc.args) > 1 else exc
+                if attempt == 1 and isinstance(cause, _STALE_CONNECTION) and not (body and body.started):
+                    continue
+                raise UpstreamError(502, f"next-hop closed the connection before answering: {cause!r}") from exc
+            except NameResolutionError as exc:
+                raise UpstreamError(502, f"cannot resolve next-hop: {exc.conn.host}") from exc
+            except NewConnectionError as exc:
+                raise UpstreamError(502, f"cannot connect to next-hop: {exc}") from exc
+            except ConnectTimeoutError as exc:
+                raise UpstreamError(504, "connect to next-hop timed out") from exc
+            except ReadTimeoutError as exc:
+                raise UpstreamError(504, f"next-hop sent no response within {self.read_timeout:g}s") from exc
+            except (http.client.HTTPException, OSError) as exc:
+                raise UpstreamError(502, f"invalid response from next-hop: {exc!r}") from exc
+            first_byte_s = time.perf_counter() - start
+            conn = response.connection
+            connect_s = 0.0
+            if conn is not None:
+                connect_s, conn.connect_s = conn.connect_s, 0.0
+            return response, Timing(connect_s, first_byte_s)
+        raise AssertionError("unreachable")
+
+
+class _Pool(HTTPConnectionPool):
+    """urllib3's pool, sending the request target exactly as given.
+
+    ``urlopen`` re-encodes targets (``%7e`` becomes ``%7E``, fragments are
+    dropped); a proxy must not, so the raw target travels alongside as the
+    ``target`` keyword and replaces the normalised one at the last step.
+    """
+
+    ConnectionCls = TimedConnection
+
+    def _make_request(self, conn, method, url, *args, target: str | None = None, **kwargs):
+        return super()._make_request(conn, method, target or url, *args, **kwargs)

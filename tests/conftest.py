@@ -1,0 +1,224 @@
+"""Fixtures: a real origin in threads and the real proxy under Gunicorn."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from origin import Origin
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOKS = ROOT / "hooks"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Gunicorn's workers), from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class Proxy:
+    """One Gunicorn master started exactly as the image starts it."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        origin: Origin,
+        env: dict[str, str] | None = None,
+        config: str | None = None,
+        files: dict[str, str] | None = None,
+    ) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.config_dir = tmp / "proxy_config"
+        self.log_dir = tmp / "log"
+        self.run_dir = tmp / "run"
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            (self.config_dir / "proxy.toml").write_text(config)
+        for name, text in (files or {}).items():
+            (self.config_dir / name).write_text(text)
+        self.env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "NEXT_HOP": origin.address,
+            "WEB_CONCURRENCY": "1",
+            "PROXY_CONFIG_DIR": str(self.config_dir),
+            "PROXY_LOG_DIR": str(self.log_dir),
+            "PROXY_RUN_DIR": str(self.run_dir),
+            "PROXY_LOG_TARGET": "file",
+            "PROXY_LOG_FORMAT": "json",
+            **(env or {}),
+        }
+        self.stdout_path = tmp / "stdout.txt"
+        self.stderr_path = tmp / "stderr.txt"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> Proxy:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.stdout_path.open("wb"),
+            stderr=self.stderr_path.open("wb"),
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"proxy exited {self.process.returncode}: {self.stderr()}")
+            if not self.pidfile.exists() or not self.workers():
+                return False
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(ready, what="proxy to listen")
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "gunicorn.pid"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def workers(self) -> list[int]:
+        return children(self.pid)
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def connection(self, timeout: float = 10) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(
+        self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 10
+    ) -> tuple[http.client.HTTPResponse, bytes]:
+        conn = self.connection(timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response, response.read()
+        finally:
+            conn.close()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def error_log(self) -> str:
+        path = self.log_dir / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def access_log(self) -> str:
+        path = self.log_dir / "access.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def hook(
+        self, name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
+        """Run hooks/NAME.sh the way the platform runs /opt/section/NAME.sh."""
+        return subprocess.run(
+            ["bash", str(HOOKS / f"{name}.sh"), *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 40) -> int:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode if self.process else 0
+
+
+@pytest.fixture(scope="session")
+def origin():
+    server = Origin().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_proxy(tmp_path, origin):
+    """Start proxies with their own env and configuration; all stopped after."""
+    started: list[Proxy] = []
+
+    def make(
+        env: dict[str, str] | None = None,
+        config: str | None = None,
+        files: dict[str, str] | None = None,
+        start: bool = True,
+        origin_server: Origin | None = None,
+        name: str = "proxy",
+    ) -> Proxy:
+        proxy = Proxy(tmp_path / f"{name}{len(started)}", origin_server or origin, env, config, files)
+        started.append(proxy)
+        return proxy.start() if start else proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_proxy(tmp_path_factory, origin):
+    """One plain pass-through proxy for the tests that don't change it."""
+    proxy = Proxy(tmp_path_factory.mktemp("shared"), origin).start()
+    yield proxy
+    proxy.stop()

@@ -1,0 +1,296 @@
+"""A scriptable HTTP/1.1 origin for the tests, on raw sockets in threads.
+
+It records exactly what it receives (raw head bytes, body size and hash,
+per-connection request counts) and misbehaves on request: stall, reset,
+truncate, close a kept-alive connection as it is reused. Paths:
+
+- ``/bytes/N``            N bytes, Content-Length framing
+- ``/chunked/N``          N bytes, chunked framing
+- ``/slow/N/SECONDS``     N bytes, sent in 10 parts over SECONDS
+- ``/stall``              never answers
+- ``/truncate/N``         announces N bytes, sends half, then closes
+- ``/reset/N``            announces N bytes, sends half, then resets
+- ``/status/CODE``        empty answer with that status
+- ``/cookies``            several Set-Cookie and Vary headers
+- ``/server``             custom Server and Date headers
+- ``/redirect``           302 with a Location
+- ``/hop``                hop-by-hop headers that must not reach the client
+- ``/drop-next``          answers, then closes the connection without
+                          answering the next request on it
+- anything else           200 with a small body
+
+Every answer carries ``X-Origin-Conn`` (connection number) and the request's
+body length and SHA-256 as ``X-Body-Length``/``X-Body-Sha256``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+PATTERN = bytes(range(256)) * 4096  # 1 MiB
+
+
+def pattern_bytes(n: int) -> bytes:
+    """The first ``n`` bytes of the repeating pattern the origin serves."""
+    full, rest = divmod(n, len(PATTERN))
+    return PATTERN * full + PATTERN[:rest]
+
+
+@dataclass
+class Received:
+    conn: int
+    method: str
+    target: str
+    head: bytes
+    headers: list[tuple[str, str]]
+    body_length: int = 0
+    body_sha256: str = ""
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        return ", ".join(values) if values else None
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+@dataclass
+class Origin:
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: list[Received] = field(default_factory=list)
+    connections: int = 0
+    open_connections: int = 0
+    closed_events: list[int] = field(default_factory=list)
+
+    def start(self) -> Origin:
+        self._listener = socket.create_server((self.host, 0), backlog=512)
+        self.port = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._listener.close()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.connections = 0
+            self.closed_events.clear()
+
+    def last(self) -> Received:
+        return self.requests[-1]
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                self.open_connections += 1
+                number = self.connections
+            threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, number: int) -> None:
+        reader = conn.makefile("rb")
+        drop_next = False
+        try:
+            while True:
+                head = self._read_head(reader)
+                if head is None:
+                    return
+                request_line, *lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = request_line.split(" ", 2)
+                headers = []
+                for line in lines:
+                    if line:
+                        name, _, value = line.partition(":")
+                        headers.append((name, value.strip()))
+                received = Received(number, method, target, head, headers)
+                self._read_body(reader, received)
+                with self._lock:
+                    self.requests.append(received)
+                if drop_next:
+                    return
+                keep = self._answer(conn, received)
+                if target == "/drop-next":
+                    drop_next = True
+                if not keep or (received.header("Connection") or "").lower() == "close":
+                    return
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self.open_connections -= 1
+                self.closed_events.append(number)
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    @staticmethod
+    def _read_head(reader) -> bytes | None:
+        lines = []
+        while True:
+            line = reader.readline(65537)
+            if not line:
+                return None
+            if line in (b"\r\n", b"\n"):
+                if lines:
+                    return b"".join(lines).rstrip(b"\r\n")
+                continue
+            lines.append(line)
+
+    @staticmethod
+    def _read_body(reader, received: Received) -> None:
+        digest = hashlib.sha256()
+        length = 0
+        if "chunked" in (received.header("Transfer-Encoding") or "").lower():
+            while True:
+                size = int(reader.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while reader.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                remaining = size
+                while remaining:
+                    data = reader.read(min(remaining, 1 << 20))
+                    if not data:
+                        raise OSError("eof in chunk")
+                    digest.update(data)
+                    remaining -= len(data)
+                length += size
+                reader.readline()
+        else:
+            remaining = int(received.header("Content-Length") or 0)
+            while remaining:
+                data = reader.read(min(remaining, 1 << 20))
+                if not data:
+                    raise OSError("eof in body")
+                digest.update(data)
+                remaining -= len(data)
+                length += len(data)
+        received.body_length = length
+        received.body_sha256 = digest.hexdigest()
+
+    def _answer(self, conn: socket.socket, req: Received) -> bool:
+        parts = req.target.split("?")[0].strip("/").split("/")
+        kind = parts[0]
+        common = [
+            ("X-Origin-Conn", str(req.conn)),
+            ("X-Body-Length", str(req.body_length)),
+            ("X-Body-Sha256", req.body_sha256),
+        ]
+        head_only = req.method == "HEAD"
+
+        def send_head(status: str, headers: list[tuple[str, str]]) -> None:
+            lines = [f"HTTP/1.1 {status}"] + [f"{k}: {v}" for k, v in headers + common]
+            conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+        if kind == "bytes":
+            n = int(parts[1])
+            send_head("200 OK", [("Content-Length", str(n)), ("Content-Type", "application/octet-stream")])
+            if not head_only:
+                self._send_pattern(conn, n)
+        elif kind == "chunked":
+            n = int(parts[1])
+            send_head("200 OK", [("Transfer-Encoding", "chunked")])
+            sent = 0
+            while sent < n:
+                piece = pattern_bytes(min(65536, n - sent))
+                conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent += len(piece)
+            conn.sendall(b"0\r\n\r\n")
+        elif kind == "slow":
+            n, seconds = int(parts[1]), float(parts[2])
+            send_head("200 OK", [("Content-Length", str(n))])
+            data = pattern_bytes(n)
+            step = max(1, n // 10)
+            for i in range(0, n, step):
+                conn.sendall(data[i : i + step])
+                time.sleep(seconds / 10)
+        elif kind == "stall":
+            time.sleep(3600)
+            return False
+        elif kind in ("truncate", "reset"):
+            n = int(parts[1])
+            send_head("200 OK", [("Content-Length", str(n))])
+            conn.sendall(pattern_bytes(n // 2))
+            time.sleep(0.2)
+            if kind == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False
+        elif kind == "status":
+            send_head(f"{parts[1]} Status", [] if parts[1] in ("204", "304") else [("Content-Length", "0")])
+        elif kind == "cookies":
+            body = b"cookies"
+            send_head(
+                "200 OK",
+                [
+                    ("Set-Cookie", "a=1; Path=/"),
+                    ("Vary", "Accept-Encoding"),
+                    ("Set-Cookie", "b=2; HttpOnly"),
+                    ("Vary", "Origin"),
+                    ("Set-Cookie", "c=3"),
+                    ("Content-Length", str(len(body))),
+                ],
+            )
+            conn.sendall(body)
+        elif kind == "server":
+            send_head(
+                "200 OK",
+                [("Server", "origin-test/1.0"), ("Date", "Mon, 01 Jan 2024 00:00:00 GMT"), ("Content-Length", "0")],
+            )
+        elif kind == "hop":
+            send_head(
+                "200 OK",
+                [
+                    ("Connection", "X-Secret"),
+                    ("X-Secret", "1"),
+                    ("Keep-Alive", "timeout=5"),
+                    ("Proxy-Authenticate", "Basic"),
+                    ("Proxy-Connection", "keep-alive"),
+                    ("Trailer", "X-T"),
+                    ("Upgrade", "h2c"),
+                    ("X-Kept", "yes"),
+                    ("Content-Length", "0"),
+                ],
+            )
+        elif kind == "redirect":
+            send_head("302 Found", [("Location", "/elsewhere"), ("Content-Length", "0")])
+        else:
+            body = b"hello from origin\n"
+            send_head(
+                "200 OK",
+                [
+                    ("Content-Length", str(len(body))),
+                    ("Content-Type", "text/plain"),
+                    ("ETag", '"v1"'),
+                    ("Content-Encoding", "identity"),
+                ],
+            )
+            if not head_only:
+                conn.sendall(body)
+        return True
+
+    @staticmethod
+    def _send_pattern(conn: socket.socket, n: int) -> None:
+        view = memoryview(PATTERN)
+        while n > 0:
+            piece = min(n, len(PATTERN))
+            conn.sendall(view[:piece])
+            n -= piece

@@ -1,0 +1,447 @@
+"""The streaming proxy core (issue: Gunicorn + gevent WSGI app to next-hop)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import ROOT, free_port, rss_kib, wait_for
+from origin import Origin, pattern_bytes
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, return everything the proxy sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+# -- 1. streaming ------------------------------------------------------------------
+
+
+def test_body_and_entity_headers_pass_untouched(shared_proxy):
+    response, body = shared_proxy.request("GET", "/plain")
+    assert response.status == 200
+    assert body == b"hello from origin\n"
+    assert response.getheader("ETag") == '"v1"'
+    assert response.getheader("Content-Encoding") == "identity"
+    assert response.getheader("Content-Length") == str(len(body))
+
+
+def test_chunked_response_is_relayed(shared_proxy):
+    response, body = shared_proxy.request("GET", "/chunked/300000")
+    assert response.status == 200
+    assert body == pattern_bytes(300000)
+
+
+def test_content_length_upload_streams_with_same_framing(shared_proxy, origin):
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    response, _ = shared_proxy.request("POST", "/upload", body=data, headers={"Content-Type": "application/x-test"})
+    assert response.status == 200
+    received = origin.last()
+    assert received.header("Content-Length") == str(len(data))
+    assert received.header("Transfer-Encoding") is None
+    assert received.header("Content-Type") == "application/x-test"
+    assert received.body_sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_chunked_upload_goes_upstream_chunked(shared_proxy, origin):
+    parts = [os.urandom(1000 + i * 3000) for i in range(20)]
+    conn = shared_proxy.connection()
+    conn.request("PUT", "/upload", body=iter(parts), encode_chunked=True)
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 200
+    received = origin.last()
+    assert received.header("Transfer-Encoding") == "chunked"
+    assert received.header("Content-Length") is None
+    assert received.body_sha256 == hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def test_response_is_relayed_as_it_arrives(shared_proxy):
+    """The origin takes 4 s to send its body; the first part must arrive long before."""
+    conn = shared_proxy.connection()
+    started = time.monotonic()
+    conn.request("GET", "/slow/100000/4")
+    response = conn.getresponse()
+    first = response.read1(65536)
+    first_at = time.monotonic() - started
+    rest = response.read()
+    total = time.monotonic() - started
+    assert first and first + rest == pattern_bytes(100000)
+    assert first_at < total / 2, (first_at, total)
+
+
+@pytest.mark.slow
+def test_one_gib_download_and_upload_keep_worker_memory_bounded(shared_proxy, origin):
+    gib = 1 << 30
+    [worker] = shared_proxy.workers()
+    before = rss_kib(worker)
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_kib(worker))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        conn = shared_proxy.connection(timeout=60)
+        conn.request("GET", f"/bytes/{gib}")
+        response = conn.getresponse()
+        received = 0
+        while chunk := response.read1(1 << 20):
+            received += len(chunk)
+        assert received == gib
+
+        def upload():
+            block = b"x" * (1 << 20)
+            for _ in range(1024):
+                yield block
+
+        conn.request("POST", "/upload", body=upload(), headers={"Content-Length": str(gib)})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        assert origin.last().body_length == gib
+        conn.close()
+    finally:
+        done.set()
+        sampler.join()
+    growth_mib = (peak[0] - before) / 1024
+    print(f"worker RSS before {before} KiB, peak {peak[0]} KiB, growth {growth_mib:.1f} MiB")
+    assert growth_mib < 32
+
+
+# -- 2. the pool: keep-alive upstream, no retries, redirects relayed -------------------
+
+
+def test_keepalive_reuses_one_upstream_connection(make_proxy):
+    own_origin = Origin().start()
+    try:
+        proxy = make_proxy(origin_server=own_origin)
+        conn = proxy.connection()
+        first_socket = None
+        for i in range(100):
+            conn.request("GET", f"/n/{i}")
+            response = conn.getresponse()
+            assert response.status == 200 and response.read() == b"hello from origin\n"
+            first_socket = first_socket or conn.sock
+            assert conn.sock is first_socket, "client connection was not kept alive"
+        assert own_origin.connections == 1
+        assert len(own_origin.requests) == 100
+    finally:
+        own_origin.stop()
+
+
+def test_redirects_are_relayed_not_followed(shared_proxy, origin):
+    origin.reset()
+    response, _ = shared_proxy.request("GET", "/redirect")
+    assert response.status == 302
+    assert response.getheader("Location") == "/elsewhere"
+    assert [r.target for r in origin.requests] == ["/redirect"]
+
+
+# -- 3. a pooled connection closed by the origin is retried once ------------------------
+
+
+def test_stale_pooled_connection_is_retried_on_a_fresh_one(make_proxy):
+    own_origin = Origin().start()
+    try:
+        proxy = make_proxy(origin_server=own_origin)
+        conn = proxy.connection()
+        conn.request("GET", "/drop-next")
+        assert conn.getresponse().read() is not None
+        # The origin drops the next request on that pooled connection unanswered.
+        conn.request("GET", "/after")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.read() == b"hello from origin\n"
+        assert [r.target for r in own_origin.requests] == ["/drop-next", "/after", "/after"]
+        assert own_origin.connections == 2
+    finally:
+        own_origin.stop()
+
+
+# -- 4. next-hop resolution: /etc/hosts first ------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_next_hop_is_resolved_through_etc_hosts(make_proxy, tmp_path, origin):
+    """In a private mount namespace, /etc/hosts maps next-hop to loopback."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.1 next-hop\n")
+    proxy = make_proxy(env={"NEXT_HOP": f"next-hop:{origin.port}"}, start=False)
+    script = f"mount --bind {hosts} /etc/hosts && exec {sys.executable} -m gunicorn -c gunicorn.conf.py"
+    proxy.process = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        cwd=ROOT,
+        env=proxy.env,
+        stdout=proxy.stdout_path.open("wb"),
+        stderr=proxy.stderr_path.open("wb"),
+    )
+    proxy.wait_ready()
+    response, body = proxy.request("GET", "/via-hosts")
+    assert response.status == 200, proxy.error_log()
+    assert origin.last().target == "/via-hosts"
+
+
+# -- 5. headers ----------------------------------------------------------------------
+
+
+def test_request_hop_by_hop_headers_are_not_forwarded(shared_proxy, origin):
+    response, _ = shared_proxy.request(
+        "GET",
+        "/h",
+        headers={
+            "Connection": "keep-alive, X-Private",
+            "X-Private": "secret",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Trailer": "X-T",
+            "Proxy-Authorization": "Basic eA==",
+            "Proxy-Connection": "keep-alive",
+            "Upgrade": "h2c",
+            "X-Public": "yes",
+        },
+    )
+    assert response.status == 200
+    got = origin.last()
+    for name in (
+        "Connection",
+        "X-Private",
+        "Keep-Alive",
+        "TE",
+        "Trailer",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "Upgrade",
+    ):
+        assert got.header(name) is None, name
+    assert got.header("X-Public") == "yes"
+
+
+def test_response_hop_by_hop_headers_are_not_forwarded(shared_proxy):
+    response, _ = shared_proxy.request("GET", "/hop")
+    names = {name.lower() for name, _ in response.getheaders()}
+    assert "x-kept" in names
+    for name in ("x-secret", "keep-alive", "proxy-authenticate", "proxy-connection", "trailer", "upgrade"):
+        assert name not in names, name
+
+
+def test_host_forwarding_and_client_headers(shared_proxy, origin):
+    shared_proxy.request(
+        "GET",
+        "/h",
+        headers={
+            "Host": "Customer.Example:8443",
+            "X-Forwarded-For": "203.0.113.9, 10.0.0.1",
+            "X-Forwarded-Proto": "https",
+            "True-Client-IP": "203.0.113.9",
+        },
+    )
+    got = origin.last()
+    assert got.header("Host") == "Customer.Example:8443"
+    assert got.header("X-Forwarded-For") == "203.0.113.9, 10.0.0.1, 127.0.0.1"
+    assert got.header("X-Forwarded-Proto") == "https"
+    assert got.header("True-Client-IP") == "203.0.113.9"
+    assert got.header("User-Agent") is None, "the proxy must not invent a User-Agent"
+    assert got.header("Accept-Encoding") == "identity"  # http.client's own, passed through
+
+
+def test_x_forwarded_for_is_created_when_absent(shared_proxy, origin):
+    shared_proxy.request("GET", "/h")
+    assert origin.last().all("X-Forwarded-For") == ["127.0.0.1"]
+
+
+def test_repeated_response_headers_keep_every_value_in_order(shared_proxy):
+    response, _ = shared_proxy.request("GET", "/cookies")
+    cookies = [v for k, v in response.getheaders() if k.lower() == "set-cookie"]
+    vary = [v for k, v in response.getheaders() if k.lower() == "vary"]
+    assert cookies == ["a=1; Path=/", "b=2; HttpOnly", "c=3"]
+    assert vary == ["Accept-Encoding", "Origin"]
+
+
+def test_origin_server_and_date_reach_the_client(shared_proxy):
+    response, _ = shared_proxy.request("GET", "/server")
+    assert [v for k, v in response.getheaders() if k.lower() == "server"] == ["origin-test/1.0"]
+    assert [v for k, v in response.getheaders() if k.lower() == "date"] == ["Mon, 01 Jan 2024 00:00:00 GMT"]
+
+
+# -- 6. methods, bodiless answers, 100-continue, the request target -----------------
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "PATCH", "PURGE", "DELETE", "PROPFIND", "X-UNKNOWN-TOKEN", "get"])
+def test_every_method_passes(shared_proxy, origin, method):
+    response, body = shared_proxy.request(method, "/m", body=b"abc" if method == "PATCH" else None)
+    assert response.status == 200
+    assert origin.last().method == method
+
+
+def test_head_and_bodiless_statuses_carry_no_body(shared_proxy):
+    for method, path, status in [
+        ("HEAD", "/bytes/5000", 200),
+        ("GET", "/status/204", 204),
+        ("GET", "/status/304", 304),
+    ]:
+        raw = raw_exchange(shared_proxy.port, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), timeout=1)
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+        assert rest == b"", (path, rest[:50])
+        if method == "HEAD":
+            assert b"Content-Length: 5000" in head
+
+
+def test_expect_100_continue(shared_proxy, origin):
+    with socket.create_connection(("127.0.0.1", shared_proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        interim = sock.recv(1024)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(b"hello")
+        final = b""
+        while b"\r\n\r\n" not in final:
+            final += sock.recv(4096)
+        assert final.split(b"\r\n")[0] == b"HTTP/1.1 200 OK" or b"HTTP/1.1 200 OK" in final
+    assert origin.last().body_sha256 == hashlib.sha256(b"hello").hexdigest()
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/a%2Fb/%7e/%20x?q=%41&r=a+b", "//double//slash", "/dots/../../up/./here", "/?", "/path;param?x=1#frag"],
+)
+def test_request_target_reaches_origin_byte_for_byte(shared_proxy, origin, target):
+    raw = raw_exchange(shared_proxy.port, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert origin.last().target == target
+
+
+# -- 7. failures -------------------------------------------------------------------------
+
+
+def _error_lines(proxy) -> list[dict]:
+    return [json.loads(line) for line in proxy.stderr().splitlines() if line.startswith("{")]
+
+
+def test_refused_next_hop_is_502_with_a_reason(make_proxy):
+    proxy = make_proxy(env={"NEXT_HOP": f"127.0.0.1:{free_port()}", "PROXY_LOG_TARGET": "stdout"})
+    response, _ = proxy.request("GET", "/x")
+    assert response.status == 502
+    errors = [e for e in _error_lines(proxy) if e["level"] == "ERROR"]
+    assert len(errors) == 1 and "cannot connect to next-hop" in errors[0]["message"], errors
+
+
+def test_unresolvable_next_hop_is_502_with_a_reason(make_proxy):
+    proxy = make_proxy(env={"NEXT_HOP": "no-such-host.invalid:80", "PROXY_LOG_TARGET": "stdout"})
+    response, _ = proxy.request("GET", "/x")
+    assert response.status == 502
+    errors = [e for e in _error_lines(proxy) if e["level"] == "ERROR"]
+    assert len(errors) == 1 and "cannot resolve next-hop" in errors[0]["message"], errors
+
+
+def test_silent_next_hop_is_504_after_the_read_timeout(make_proxy):
+    proxy = make_proxy(env={"PROXY_LOG_TARGET": "stdout"}, config="[upstream]\nread_timeout = 1\n")
+    started = time.monotonic()
+    response, _ = proxy.request("GET", "/stall")
+    assert response.status == 504
+    assert 0.9 < time.monotonic() - started < 10
+    errors = [e for e in _error_lines(proxy) if e["level"] == "ERROR"]
+    assert len(errors) == 1 and "within 1s" in errors[0]["message"], errors
+
+
+@pytest.mark.parametrize("path", ["/truncate/200000", "/reset/200000"])
+def test_next_hop_failing_mid_body_closes_the_client_connection(make_proxy, path):
+    proxy = make_proxy(env={"PROXY_LOG_TARGET": "stdout"})
+    conn = proxy.connection()
+    conn.request("GET", path)
+    response = conn.getresponse()
+    assert response.status == 200
+    with pytest.raises(http.client.IncompleteRead):
+        response.read()
+    errors = [e for e in _error_lines(proxy) if e["level"] == "ERROR"]
+    assert len(errors) == 1 and "mid-response" in errors[0]["message"], errors
+    # The worker lives on.
+    assert proxy.request("GET", "/after")[0].status == 200
+
+
+def test_client_disconnect_releases_the_upstream_connection(make_proxy):
+    own_origin = Origin().start()
+    try:
+        proxy = make_proxy(origin_server=own_origin)
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        sock.sendall(b"GET /bytes/1073741824 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536)
+        sock.close()
+        # The origin sees its connection closed: nothing keeps reading the 1 GiB.
+        wait_for(lambda: own_origin.closed_events, timeout=10, what="upstream connection to close")
+        assert own_origin.open_connections == 0
+        # And the proxy still serves, on a new upstream connection.
+        assert proxy.request("GET", "/after")[0].status == 200
+        access = [json.loads(line) for line in proxy.access_log().splitlines()]
+        assert access[0]["outcome"] == "client_abort"
+    finally:
+        own_origin.stop()
+
+
+def test_a_killed_worker_is_replaced_while_others_serve(make_proxy):
+    proxy = make_proxy(env={"WEB_CONCURRENCY": "2"})
+    wait_for(lambda: len(proxy.workers()) == 2, what="two workers")
+    victim = proxy.workers()[0]
+    os.kill(victim, signal.SIGKILL)
+    statuses = [proxy.request("GET", "/during")[0].status for _ in range(20)]
+    assert statuses == [200] * 20
+    wait_for(lambda: len(proxy.workers()) == 2 and victim not in proxy.workers(), what="replacement worker")
+
+
+# -- 8. graceful shutdown -------------------------------------------------------------
+
+
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(make_proxy):
+    proxy = make_proxy()
+    result = {}
+
+    def slow_request():
+        response, body = proxy.request("GET", "/slow/50000/3", timeout=30)
+        result["status"], result["body"] = response.status, body
+
+    idle = proxy.connection()
+    idle.request("GET", "/warm")
+    idle.getresponse().read()  # an idle keep-alive connection must not delay the exit
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    proxy.signal(signal.SIGTERM)
+    wait_for(lambda: _refused(proxy.port), timeout=5, what="listener to close")
+    thread.join(30)
+    assert result == {"status": 200, "body": pattern_bytes(50000)}
+    assert proxy.process.wait(30) == 0
+    assert time.monotonic() - started < 15
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return False
+    except OSError:
+        return True
