@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import logging
 import os
 import socket
 import time
@@ -111,6 +112,11 @@ class Exchange:
 
         return noting
 
+    def log(self) -> None:
+        """Write the access line (building it only when access logging is on)."""
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(self.fields())
+
     def fields(self) -> dict:
         env = self.environ
         now = time.perf_counter()
@@ -176,7 +182,7 @@ class _Logged:
         finally:
             if not self._done and exchange.outcome == "ok":
                 exchange.outcome = "client_abort"
-            access_log.info(exchange.fields())
+            exchange.log()
 
 
 def respond(
@@ -236,7 +242,7 @@ class Proxy:
             )
             body = respond(noting, 500, close=True)
         if body is ALREADY_HANDLED:  # a finished tunnel: the socket is closed
-            access_log.info(exchange.fields())
+            exchange.log()
             return body
         return _Logged(body, exchange)
 

@@ -114,6 +114,10 @@ def logging_config(settings: Settings) -> dict[str, Any]:
             "gunicorn.error": {"level": "INFO", "handlers": ["error"], "propagate": False},
             "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
             "proxy": {"level": "INFO", "handlers": ["error"], "propagate": False},
-            "proxy.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
+            "proxy.access": {
+                "level": "INFO" if settings.access_log_enabled else "CRITICAL",
+                "handlers": ["access"],
+                "propagate": False,
+            },
         },
     }

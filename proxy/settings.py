@@ -41,6 +41,7 @@ class Settings:
     run_dir: Path
     log_target: str
     log_format: str
+    access_log_enabled: bool
 
     @property
     def pidfile(self) -> Path:
@@ -104,4 +105,5 @@ def from_environ(env: Mapping[str, str] = os.environ) -> Settings:
         run_dir=Path(env.get("PROXY_RUN_DIR") or "/run/proxy"),
         log_target=_choice(env, "PROXY_LOG_TARGET", LOG_TARGETS),
         log_format=_choice(env, "PROXY_LOG_FORMAT", LOG_FORMATS),
+        access_log_enabled=_choice(env, "PROXY_ACCESS_LOG", ("on", "off")) == "on",
     )

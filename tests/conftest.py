@@ -87,6 +87,7 @@ class Proxy:
             "PROXY_RUN_DIR": str(self.run_dir),
             "PROXY_LOG_TARGET": "file",
             "PROXY_LOG_FORMAT": "json",
+            "PROXY_PYTHON": sys.executable,
             **(env or {}),
         }
         self.stdout_path = tmp / "stdout.txt"
