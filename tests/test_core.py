@@ -114,12 +114,14 @@ def test_one_gib_download_and_upload_keep_worker_memory_bounded(shared_proxy, or
         while chunk := response.read1(1 << 20):
             received += len(chunk)
         assert received == gib
+        conn.close()
 
         def upload():
             block = b"x" * (1 << 20)
             for _ in range(1024):
                 yield block
 
+        conn = shared_proxy.connection(timeout=60)
         conn.request("POST", "/upload", body=upload(), headers={"Content-Length": str(gib)})
         response = conn.getresponse()
         response.read()
@@ -445,3 +447,12 @@ def _refused(port: int) -> bool:
         return False
     except OSError:
         return True
+
+
+def test_malformed_chunked_body_is_400_and_the_worker_lives(shared_proxy):
+    raw = raw_exchange(
+        shared_proxy.port,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 400"), raw[:100]
+    assert shared_proxy.request("GET", "/after")[0].status == 200
