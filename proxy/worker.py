@@ -1,4 +1,4 @@
-"""The Gunicorn worker: Gunicorn's gevent worker with three proxy-specific changes.
+"""The Gunicorn worker: Gunicorn's gevent worker with proxy-specific changes.
 
 1. The origin's ``Server`` and ``Date`` headers reach the client instead of
    Gunicorn's own (a proxy should not rewrite who answered, or when).
@@ -9,6 +9,10 @@
    instead of waiting for their keep-alive timeout, so a SIGTERM or reload
    finishes as soon as in-flight requests do. A connection that is in use
    gets ``Connection: close`` on its next response (Gunicorn's own logic).
+4. Logging (see ``proxy.logs``): a request Gunicorn rejects itself (400,
+   414, 431...) without calling the app still gets its access line; output
+   that bypasses logging becomes error-log records; a worker that missed the
+   master's SIGUSR1 while booting reopens rotated log files on its own.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import time
 import gevent
 from gunicorn.http import wsgi
 from gunicorn.workers.ggevent import GeventWorker
+
+from .logs import access_logged, capture_stray_output, log_files_moved
 
 #: After shutdown starts, a keep-alive connection idle this long is closed.
 SHUTDOWN_IDLE_GRACE = 1.0
@@ -74,6 +80,69 @@ class _IdleWait:
         return self._timeout.__exit__(*exc_info)
 
 
+class _CountingSocket:
+    """The client socket as Gunicorn's error answer sees it: notes what is sent."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.head = b""
+        self.sent = 0
+        self.failed = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+    def sendall(self, data, *args) -> None:
+        if not self.head:
+            self.head = bytes(data[:1024])
+        try:
+            self._sock.sendall(data, *args)
+        except OSError:
+            self.failed = True
+            raise
+        self.sent += len(data)
+
+
+def log_rejected(req, addr, exc: BaseException, sock: _CountingSocket, started: tuple[float, float]) -> None:
+    """The access line of a request Gunicorn rejected before the app saw it.
+
+    ``req`` is what was parsed: a request (head complete or partial), the
+    raw request line Gunicorn could not parse (a string), or nothing.
+    """
+    from .app import Exchange  # the app is loaded in workers only
+
+    environ: dict = {"REMOTE_ADDR": (addr or ("",))[0]}
+    if isinstance(req, str):
+        environ["proxy.request_line"] = req
+    elif req is not None:
+        environ["REQUEST_METHOD"] = getattr(req, "method", None) or ""
+        environ["RAW_URI"] = getattr(req, "uri", None) or ""
+        version = getattr(req, "version", None)
+        if version:
+            environ["SERVER_PROTOCOL"] = f"HTTP/{version[0]}.{version[1]}"
+        for name, value in getattr(req, "headers", None) or ():
+            key = "HTTP_" + name.upper().replace("-", "_")
+            environ[key] = f"{environ[key]},{value}" if key in environ else value
+    exchange = Exchange(environ)
+    exchange.start, exchange.start_perf = started
+    head = sock.head
+    if head[:5] == b"HTTP/" and head[9:12].isdigit():
+        exchange.status = int(head[9:12])
+        for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-type":
+                exchange.content_type = value.strip().decode("latin-1")
+    if sock.sent:
+        header_end = head.find(b"\r\n\r\n")
+        exchange.header_bytes = sock.sent if header_end == -1 else header_end + 4
+        exchange.body_bytes = sock.sent - exchange.header_bytes
+    exchange.outcome = (
+        "client_abort" if sock.failed or not head else "client_error" if exchange.status < 500 else "error"
+    )
+    exchange.error = str(exc)
+    exchange.log()
+
+
 class ProxyWorker(GeventWorker):
     """Gunicorn's gevent worker, adapted for a reverse proxy (see module doc)."""
 
@@ -82,7 +151,15 @@ class ProxyWorker(GeventWorker):
         wsgi.Response = ProxyResponse
         self.clients: dict[gevent.Greenlet, socket.socket] = {}
         self.idle: dict[gevent.Greenlet, float] = {}
+        capture_stray_output()
         super().init_process()
+
+    def init_signals(self) -> None:
+        super().init_signals()
+        # A SIGUSR1 (reopen the log files) that the master sent between this
+        # worker's fork and now was lost: reopen them if they were rotated.
+        if log_files_moved():
+            self.log.reopen_files()
 
     def timeout_ctx(self) -> _IdleWait:
         return _IdleWait(self)
@@ -96,23 +173,58 @@ class ProxyWorker(GeventWorker):
             self.clients.pop(current, None)
             self.idle.pop(current, None)
 
+    def handle_request(self, listener_name, req, sock, addr):
+        access_logged.set(False)
+        handled = super().handle_request(listener_name, req, sock, addr)
+        access_logged.set(False)  # what fails next on this connection is a new request
+        return handled
+
+    def handle_error(self, req, client, addr, exc) -> None:
+        """Gunicorn answers what it cannot parse (400, 414, 431, 501...) itself,
+        without calling the app: write those requests' access lines here."""
+        if access_logged.get():  # the app logged this request already
+            super().handle_error(req, client, addr, exc)
+            return
+        started = (time.time(), time.perf_counter())
+        counting = _CountingSocket(client)
+        try:
+            super().handle_error(req, counting, addr, exc)
+        finally:
+            log_rejected(req if req is not None else getattr(exc, "req", None), addr, exc, counting, started)
+
     def run(self) -> None:
         gevent.spawn(self._close_idle_on_shutdown)
         super().run()
 
     def _close_idle_on_shutdown(self) -> None:
+        """Once shutdown starts: close idle keep-alive connections after a
+        short grace, and just before the master's graceful deadline cut what
+        is still running (long downloads, tunnels) so that each one ends
+        through its own cleanup and writes its access line."""
         while self.alive:
             gevent.sleep(0.25)
         stopping_since = time.monotonic()
-        while True:
+        deadline = stopping_since + max(self.cfg.graceful_timeout - 1.0, 0.5)
+        while time.monotonic() < deadline:
             now = time.monotonic()
             for greenlet, since in list(self.idle.items()):
                 if now - max(since, stopping_since) >= SHUTDOWN_IDLE_GRACE:
-                    client = self.clients.get(greenlet)
                     self.idle.pop(greenlet, None)
+                    client = self.clients.get(greenlet)
                     if client is not None:
-                        try:
-                            client.shutdown(socket.SHUT_RDWR)
-                        except OSError:
-                            pass
+                        _wake_with_eof(client)
             gevent.sleep(0.25)
+        gevent.killall(list(self.clients), block=True, timeout=0.5)
+
+
+def _wake_with_eof(client: socket.socket) -> None:
+    """Shut the connection down under the greenlet waiting on it.
+
+    gevent's own ``shutdown`` raises EBADF in the waiting greenlet (which
+    Gunicorn logs as an error with a traceback); shutting down the OS socket
+    underneath makes the wait end with a plain end-of-stream instead.
+    """
+    try:
+        client._sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+    except OSError:
+        pass
