@@ -16,7 +16,9 @@ import http.client
 import ipaddress
 import logging
 import os
+import re
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -27,15 +29,14 @@ from . import config as config_module
 from . import settings as settings_module
 from .config import HEALTHZ_PATH, ProxyConfig
 from .extension import ExtensionError, WSGIApp, wrap
-from .headers import HeaderList, downstream_response_headers, upstream_request_headers
-from .logs import access_log, error_log, iso_time
+from .headers import HeaderList, checked_response_headers, upstream_request_headers
+from .logs import access_log, access_logged, error_log, iso_time
 from .tunnel import ALREADY_HANDLED, is_upgrade, tunnel
 from .upstream import BLOCK_SIZE, ClientBodyError, RequestBody, Upstream, UpstreamError, upstream_target
 
 StartResponse = Callable[..., Callable[[bytes], object]]
 
 _REASONS = {code: http.client.responses.get(code, "") for code in range(100, 600)}
-_PID = os.getpid()
 
 
 class BodyTooLarge(Exception):
@@ -52,8 +53,21 @@ class LimitedBody(RequestBody):
         self._limit = limit
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in super().__iter__():
-            if self.bytes_read > self._limit:
+        # Never ask for more than one byte past the limit: a read blocks until
+        # it has all it asked for, and a client pausing after crossing the
+        # limit must get its 413 now, not when it sends more.
+        self.started = True
+        read = self._input.read
+        limit = self._limit
+        while True:
+            try:
+                chunk = read(min(BLOCK_SIZE, limit - self.bytes_read + 1))
+            except Exception as exc:
+                raise ClientBodyError(f"reading the request body failed: {exc!r}") from exc
+            if not chunk:
+                return
+            self.bytes_read += len(chunk)
+            if self.bytes_read > limit:
                 raise BodyTooLarge()
             yield chunk
 
@@ -77,6 +91,8 @@ class Exchange:
         "upstream_end",
         "outcome",
         "tunnel_bytes_up",
+        "tunnel_end",
+        "error",
     )
 
     def __init__(self, environ: dict) -> None:
@@ -96,6 +112,10 @@ class Exchange:
         #: ``ok``, ``client_abort``, ``client_error``, ``upstream_error`` or ``error``.
         self.outcome = "ok"
         self.tunnel_bytes_up: int | None = None
+        #: Why a 101 tunnel ended (see ``proxy.tunnel``).
+        self.tunnel_end: str | None = None
+        #: Why Gunicorn rejected the request (set by ``proxy.worker.log_rejected``).
+        self.error: str | None = None
 
     def start_response(self, start_response: StartResponse) -> StartResponse:
         """Wrap the server's start_response to note status and headers."""
@@ -114,6 +134,7 @@ class Exchange:
 
     def log(self) -> None:
         """Write the access line (building it only when access logging is on)."""
+        access_logged.set(True)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(self.fields())
 
@@ -128,7 +149,7 @@ class Exchange:
         return {
             "time": iso_time(self.start),
             "time_taken_s": round(now - self.start_perf, 6),
-            "request": f"{method} {target} {protocol}",
+            "request": env.get("proxy.request_line") or (f"{method} {target} {protocol}" if method else ""),
             "status": self.status,
             "bytes": self.header_bytes + self.body_bytes if self.status else 0,
             "response_body_bytes": self.body_bytes,
@@ -150,9 +171,18 @@ class Exchange:
             "upstream_first_byte_s": None if self.first_byte_s is None else round(self.first_byte_s, 6),
             "upstream_total_s": None if end is None else round(end - self.start_perf, 6),
             "request_id": self.request_id,
-            "worker_pid": _PID,
+            "worker_pid": os.getpid(),
             "outcome": self.outcome,
-            **({"tunnel_bytes_up": self.tunnel_bytes_up} if self.tunnel_bytes_up is not None else {}),
+            **(
+                {
+                    "tunnel_bytes_up": self.tunnel_bytes_up,
+                    "tunnel_bytes_down": self.body_bytes,
+                    "tunnel_end": self.tunnel_end,
+                }
+                if self.tunnel_bytes_up is not None
+                else {}
+            ),
+            **({"error": self.error} if self.error is not None else {}),
         }
 
 
@@ -168,9 +198,14 @@ class _Logged:
 
     def __iter__(self) -> Iterator[bytes]:
         exchange = self._exchange
-        for chunk in self._body:
-            exchange.body_bytes += len(chunk)
-            yield chunk
+        try:
+            for chunk in self._body:
+                exchange.body_bytes += len(chunk)
+                yield chunk
+        except Exception:
+            if exchange.outcome == "ok":  # the body failed, not the client
+                exchange.outcome = "error"
+            raise
         self._done = True
 
     def close(self) -> None:
@@ -183,6 +218,46 @@ class _Logged:
             if not self._done and exchange.outcome == "ok":
                 exchange.outcome = "client_abort"
             exchange.log()
+
+
+#: Longest time a connection closed after a 413 keeps discarding the body
+#: the client is still sending (see ``_LingeringClose``).
+LINGER_SECONDS = 5.0
+
+
+class _LingeringClose:
+    """After the response, half-close and discard input until the client closes.
+
+    A 413 is sent while the client may still be sending its body. Closing a
+    socket with unread input makes the kernel send RST, and a client still
+    writing then gets "connection reset" instead of the 413 (RFC 9112
+    section 9.6). So once the response is written (the server calls
+    ``close()`` after its last write) the proxy sends FIN and reads and
+    drops what still arrives, until the client closes or LINGER_SECONDS pass.
+    Nothing read here is parsed or forwarded.
+    """
+
+    __slots__ = ("_body", "_sock")
+
+    def __init__(self, body: _Logged, sock: socket.socket) -> None:
+        self._body = body
+        self._sock = sock
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        self._body.close()  # the access line first: lingering is not the request's time
+        sock = self._sock
+        deadline = time.monotonic() + LINGER_SECONDS
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not sock.recv(BLOCK_SIZE):
+                    break
+        except OSError:
+            pass
 
 
 def respond(
@@ -205,11 +280,17 @@ def respond(
     return [body]
 
 
+def _codings(value: str) -> list[str]:
+    return [coding.strip(" \t").lower() for coding in value.split(",")]
+
+
 def _client_ip(environ: dict):
     try:
-        return ipaddress.ip_address(environ.get("HTTP_TRUE_CLIENT_IP", "").strip())
+        ip = ipaddress.ip_address(environ.get("HTTP_TRUE_CLIENT_IP", "").strip())
     except ValueError:
         return None
+    # ::ffff:192.0.2.1 is the IPv4 client 192.0.2.1 seen through an IPv6 socket.
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
 
 
 class Proxy:
@@ -232,6 +313,9 @@ class Proxy:
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         exchange = Exchange(environ)
         environ["proxy.exchange"] = exchange
+        # Gunicorn's wsgi.errors writes raw text into the error log file; in
+        # workers sys.stderr makes each line a record (proxy.logs.LoggingStream).
+        environ["wsgi.errors"] = sys.stderr
         noting = exchange.start_response(start_response)
         try:
             body = self.route(environ, noting)
@@ -244,6 +328,8 @@ class Proxy:
         if body is ALREADY_HANDLED:  # a finished tunnel: the socket is closed
             exchange.log()
             return body
+        if environ.get("proxy.linger"):
+            return _LingeringClose(_Logged(body, exchange), environ["gunicorn.socket"])
         return _Logged(body, exchange)
 
     # -- 2. platform and user rules ---------------------------------------------
@@ -251,7 +337,18 @@ class Proxy:
     def route(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         if environ["REQUEST_METHOD"] == "CONNECT":
             return respond(start_response, 405, headers=[("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
+        codings = environ.get("HTTP_TRANSFER_ENCODING")
+        if codings is not None and [c for c in _codings(codings) if c != "identity"] != ["chunked"]:
+            # Gunicorn accepts ``gzip, chunked`` and passes the gzip-coded
+            # bytes on; forwarded as plain chunked they would change meaning.
+            return respond(start_response, 501, close=True)
         raw_uri = environ["RAW_URI"]
+        scheme, sep, rest = raw_uri.partition("://")
+        if sep and not raw_uri.startswith("/"):
+            # absolute-form: the target's authority is the request's host
+            # (RFC 9112 section 3.2.2), so Host must say the same to every
+            # rule here and to next-hop, which gets origin-form.
+            environ["HTTP_HOST"] = re.match(r"[^/?#]*", rest)[0].rpartition("@")[2]
         if raw_uri.startswith(HEALTHZ_PATH) and raw_uri[len(HEALTHZ_PATH) : len(HEALTHZ_PATH) + 1] in ("", "?"):
             return self.forward(environ, start_response)
         config = self.config
@@ -271,8 +368,13 @@ class Proxy:
                 return respond(start_response, 403)
         limit = config.max_body_bytes
         if limit is not None and environ.get("CONTENT_LENGTH") and int(environ["CONTENT_LENGTH"]) > limit:
-            return respond(start_response, 413, close=True)
+            return self.too_large(environ, start_response)
         return self.user_app(environ, start_response)
+
+    def too_large(self, environ: dict, start_response: StartResponse) -> list[bytes]:
+        """413 and close, without reading the rest of the body (see _LingeringClose)."""
+        environ["proxy.linger"] = True
+        return respond(start_response, 413, close=True)
 
     def _broken_middleware(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         environ["proxy.exchange"].outcome = "error"
@@ -295,7 +397,7 @@ class Proxy:
                 environ["REQUEST_METHOD"], upstream_target(environ["RAW_URI"]), headers, body, chunked
             )
         except BodyTooLarge:
-            return respond(start_response, 413, close=True)
+            return self.too_large(environ, start_response)
         except ClientBodyError as exc:
             exchange.outcome = "client_error"
             error_log.warning(
@@ -316,7 +418,7 @@ class Proxy:
             exchange.upstream_end = time.perf_counter()
             return self.error_page(start_response, status, response.headers.get("Retry-After"))
         try:
-            out = downstream_response_headers(response.headers.items(), response.headers.get("Connection"))
+            out = checked_response_headers(response.headers.items(), response.headers.get("Connection"))
             if config.response_headers:
                 out = config.response_headers.apply(out)
             start_response(f"{status} {response.reason or _REASONS.get(status, '')}", out)
@@ -373,6 +475,14 @@ def _relay(response: BaseHTTPResponse, exchange: Exchange, environ: dict) -> Ite
     client sees a truncated transfer, never a short body passed off as
     complete. A half-read upstream connection is closed, not pooled.
     """
+    if response.status in (204, 304) or environ["REQUEST_METHOD"] == "HEAD":
+        # No body, whatever the head says. A body next-hop sends anyway may
+        # arrive after the connection went back to the pool, and would be
+        # read as the answer to the next request on it: close it instead.
+        exchange.upstream_end = time.perf_counter()
+        response.close()
+        response.release_conn()
+        return
     read1 = response.read1
     complete = False
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ HEALTHZ_PATH = "/.well-known/section-io/aee-hc/healthz"
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+_TABLE_HEADER = re.compile(r"\s*\[([^\[\]]+)\]\s*(?:#.*)?$")
 _MIDDLEWARE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*):([A-Za-z_][A-Za-z0-9_]*)")
 #: Framing headers belong to the proxy; a rule changing them could desync
 #: the connection (request smuggling), so rules may not touch them.
@@ -93,16 +95,26 @@ class _Checker:
         self.problems.append(Problem(self.path, key, self.line_of(key), reason))
 
     def line_of(self, key: str) -> int | None:
-        """Best-effort line of a dotted key: find its table, then the key."""
-        *tables, name = key.split(".")
-        table = ".".join(tables)
+        """Best-effort line of a dotted key: find its table, then the key;
+        failing that, the line of the nearest enclosing key or table."""
+        parts = key.split(".")
+        while parts:
+            line = self._line_of(parts)
+            if line is not None:
+                return line
+            parts = parts[:-1]
+        return None
+
+    def _line_of(self, parts: list[str]) -> int | None:
+        table = ".".join(parts[:-1])
+        name = parts[-1]
         current = ""
         pattern = re.compile(rf"""\s*("{re.escape(name)}"|'{re.escape(name)}'|{re.escape(name)})\s*=""")
         for number, line in enumerate(self.lines, 1):
-            stripped = line.strip()
-            if stripped.startswith("[") and not stripped.startswith("[["):
-                current = stripped.strip("[] ")
-                if current == key:
+            header = _TABLE_HEADER.match(line)
+            if header:
+                current = ".".join(p.strip().strip("\"'") for p in header.group(1).split("."))
+                if current == ".".join(parts):
                     return number
             elif current == table and pattern.match(line):
                 return number
@@ -165,14 +177,27 @@ class _Checker:
         out = []
         for item in value:
             try:
-                out.append(ipaddress.ip_network(item, strict=False))
+                if not isinstance(item, str):
+                    raise TypeError(item)
+                out.append(ipaddress.ip_network(item.strip(), strict=False))
             except (TypeError, ValueError):
-                self.problem(key, f"{item!r} is not an IPv4/IPv6 address or CIDR range")
+                self.problem(key, f"{item!r} is not an IPv4/IPv6 address or CIDR range (as a string)")
         return tuple(out)
 
 
-def load(config_dir: Path) -> ProxyConfig:
-    """Read and validate ``proxy.toml``; a missing file means pass-through."""
+#: Checks that a middleware module imports and has its factory: given the
+#: module's path and the factory's name, returns a reason or None.
+MiddlewareCheck = Callable[[Path, str], "str | None"]
+
+
+def load(config_dir: Path, check_middleware: MiddlewareCheck | None = None) -> ProxyConfig:
+    """Read and validate ``proxy.toml``; a missing file means pass-through.
+
+    The Gunicorn master does not import the user's middleware (workers do,
+    after fork and gevent's patching); ``validate.sh`` passes
+    ``check_middleware`` to import it in its own throw-away process, so an
+    import error is reported together with every other problem.
+    """
     path = config_dir / CONFIG_FILE
     try:
         raw = path.read_bytes()
@@ -188,10 +213,12 @@ def load(config_dir: Path) -> ProxyConfig:
     except tomllib.TOMLDecodeError as exc:
         line = re.search(r"line (\d+)", str(exc))
         raise ConfigError([Problem(path, "", int(line.group(1)) if line else None, f"TOML syntax: {exc}")]) from None
-    return _build(_Checker(path, text), data, config_dir)
+    return _build(_Checker(path, text), data, config_dir, check_middleware)
 
 
-def _build(check: _Checker, data: dict[str, Any], config_dir: Path) -> ProxyConfig:
+def _build(
+    check: _Checker, data: dict[str, Any], config_dir: Path, check_middleware: MiddlewareCheck | None
+) -> ProxyConfig:
     known = {
         "upstream",
         "request_headers",
@@ -222,8 +249,9 @@ def _build(check: _Checker, data: dict[str, Any], config_dir: Path) -> ProxyConf
         check.problem("https_redirect.enabled", f"must be true or false, got {enabled!r}")
         enabled = False
     status = redirect.get("status", 301)
-    if status not in (301, 308) or isinstance(status, bool):
+    if type(status) is not int or status not in (301, 308):
         check.problem("https_redirect.status", f"must be 301 or 308, got {status!r}")
+        status = 301
     exempt = redirect.get("exempt_paths", [])
     if not isinstance(exempt, list) or not all(isinstance(p, str) and p.startswith("/") for p in exempt):
         check.problem("https_redirect.exempt_paths", 'must be a list of path prefixes starting with "/"')
@@ -265,6 +293,9 @@ def _build(check: _Checker, data: dict[str, Any], config_dir: Path) -> ProxyConf
             check.problem("middleware", f"module file {module.name} not found in the configuration directory")
         else:
             middleware = (module, match.group(2))
+            reason = check_middleware(module, match.group(2)) if check_middleware else None
+            if reason:
+                check.problem("middleware", reason)
 
     request_headers = check.header_rules(data, "request_headers")
     response_headers = check.header_rules(data, "response_headers")

@@ -7,6 +7,7 @@ Everything else passes in order with every repeated value kept.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -25,8 +26,17 @@ HOP_BY_HOP = frozenset(
 )
 
 #: Not hop-by-hop, but never forwarded upstream: the proxy has already
-#: answered ``Expect: 100-continue`` itself before reading the body.
-_NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {"expect"}
+#: answered ``Expect: 100-continue`` itself before reading the body; and the
+#: body's length and type come from ``CONTENT_LENGTH``/``CONTENT_TYPE`` only,
+#: never also from an ``HTTP_CONTENT_LENGTH`` a middleware may have set
+#: (that would send two Content-Length fields).
+_NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {"expect", "content-length", "content-type"}
+
+#: End-to-end fields the platform relies on (set at the edge, see the
+#: contract): a ``Connection`` header naming one of them is ignored for it,
+#: so a client cannot have the proxy strip them (RFC 9110 section 7.6.1:
+#: a sender must not list an end-to-end field as a connection option).
+_NEVER_CONNECTION_OPTIONS = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "true-client-ip"})
 
 Header = tuple[str, str]
 
@@ -62,7 +72,8 @@ class HeaderRules:
     _replaced: frozenset[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        names = self.remove | {name.lower() for name, _ in self.set}
+        # Field names are case-insensitive, whoever built the rules.
+        names = {name.lower() for name in self.remove} | {name.lower() for name, _ in self.set}
         object.__setattr__(self, "_replaced", frozenset(names))
 
     def __bool__(self) -> bool:
@@ -72,7 +83,9 @@ class HeaderRules:
         if not self:
             return headers
         replaced = self._replaced
-        out = [h for h in headers if h[0].lower() not in replaced]
+        # A HeaderList iterates over names only (for urllib3); pairs come from items().
+        pairs = headers.items() if isinstance(headers, HeaderList) else headers
+        out = [h for h in pairs if h[0].lower() not in replaced]
         out.extend(self.set)
         out.extend(self.append)
         return out
@@ -109,9 +122,12 @@ def upstream_request_headers(
     add or change headers the WSGI way. Gunicorn joins repeated request
     fields with commas, which RFC 9110 section 5.3 makes equivalent.
     """
-    drop = _NOT_FORWARDED_UPSTREAM | connection_tokens(environ.get("HTTP_CONNECTION"))  # type: ignore[arg-type]
+    options = connection_tokens(environ.get("HTTP_CONNECTION")) - _NEVER_CONNECTION_OPTIONS  # type: ignore[arg-type]
+    drop = _NOT_FORWARDED_UPSTREAM | options
     if keep_upgrade:
-        drop = drop - {"connection", "upgrade"}
+        # Upgrade goes on; the client's Connection does not (its other
+        # options are hop-by-hop): exactly one ``Connection: Upgrade`` below.
+        drop = drop - {"upgrade"}
     out = HeaderList()
     xff = None
     has_request_id = False
@@ -133,7 +149,9 @@ def upstream_request_headers(
     if "CONTENT_TYPE" in environ:
         out.append(("Content-Type", environ["CONTENT_TYPE"]))
     if "CONTENT_LENGTH" in environ:
-        out.append(("Content-Length", environ["CONTENT_LENGTH"]))
+        length = environ["CONTENT_LENGTH"]
+        # Canonical decimal (``007`` is 7): no next hop can misread it.
+        out.append(("Content-Length", str(int(length)) if length.isascii() and length.isdigit() else length))
     remote = environ.get("REMOTE_ADDR", "")
     out.append(("X-Forwarded-For", f"{xff}, {remote}" if xff else remote))
     if not has_request_id:
@@ -145,3 +163,50 @@ def downstream_response_headers(headers: Iterable[Header], connection: str | Non
     """Headers for the client: the origin's, minus hop-by-hop ones."""
     drop = HOP_BY_HOP | connection_tokens(connection)
     return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+#: RFC 9110 sections 5.1 and 5.5: a field name is a token, and a value holds
+#: no control character other than HTAB.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def checked_response_headers(headers: Iterable[Header], connection: str | None) -> list[Header]:
+    """``downstream_response_headers`` for an answer whose framing must be
+    unambiguous before the client gets it (RFC 9112 section 6.3).
+
+    Raises ValueError (the client gets a 502) for a Transfer-Encoding other
+    than a lone ``chunked``, Transfer-Encoding together with Content-Length,
+    a Content-Length that is not one decimal number (``5, 7``, ``-5``,
+    ``5x``), or a field the client could not parse. A repeated identical
+    Content-Length (``5, 5``) goes on as one field.
+    """
+    pairs = list(headers)
+    length = None
+    codings: list[str] = []
+    for name, value in pairs:
+        if not _TOKEN.fullmatch(name) or _CONTROL.search(value):
+            raise ValueError(f"invalid response field {name!r}")
+        lower = name.lower()
+        if lower == "content-length":
+            for part in value.split(","):
+                part = part.strip(" \t")
+                if not (part.isascii() and part.isdigit()) or (length is not None and int(part) != length):
+                    raise ValueError(f"invalid Content-Length {value!r}")
+                length = int(part)
+        elif lower == "transfer-encoding":
+            codings.extend(coding.strip(" \t").lower() for coding in value.split(","))
+    if codings and (codings != ["chunked"] or length is not None):
+        raise ValueError(f"ambiguous framing: Transfer-Encoding {codings}, Content-Length {length}")
+    out = downstream_response_headers(pairs, connection)
+    if length is None:
+        return out
+    first = True
+    single = []
+    for name, value in out:
+        if name.lower() == "content-length":
+            if not first:
+                continue
+            first, value = False, str(length)
+        single.append((name, value))
+    return single

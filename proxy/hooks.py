@@ -10,6 +10,7 @@ failure is a non-zero exit with the reason on stderr (stdout is ignored).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from . import config
-from .settings import Settings, SettingsError, from_environ
+from .settings import GRACEFUL_TIMEOUT, Settings, SettingsError, from_environ
 
 LOGROTATE_TEMPLATE = Path(__file__).with_name("logrotate.conf")
 
@@ -63,38 +64,66 @@ def running_master(settings: Settings) -> int | None:
 
 
 def validate(settings: Settings) -> None:
-    """Raise HookError listing every problem in the configuration directory."""
+    """Raise HookError listing every problem in the configuration directory.
+
+    Reads only: the middleware module is imported (bytecode writing is off)
+    to prove it loads, in this throw-away process, with its output silenced.
+    """
+    from .extension import check
+
     try:
-        loaded = config.load(settings.config_dir)
+        config.load(settings.config_dir, check_middleware=check)
     except config.ConfigError as exc:
         raise HookError(str(exc)) from None
-    if loaded.middleware is not None:
-        from .extension import ExtensionError, load_factory
-
-        module, factory = loaded.middleware
-        try:
-            load_factory(module, factory)
-        except ExtensionError as exc:
-            raise HookError(str(config.Problem(module.parent / config.CONFIG_FILE, "middleware", None, str(exc))))
 
 
-def reload(settings: Settings, timeout: float = 60.0) -> None:
-    """SIGHUP the master and wait until a new generation of workers runs."""
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def reload(settings: Settings, timeout: float = 60.0, drain_timeout: float = GRACEFUL_TIMEOUT + 10) -> None:
+    """SIGHUP the master; return once the new generation of workers runs and
+    the old one has exited.
+
+    On SIGHUP Gunicorn re-reads gunicorn.conf.py (``on_reload`` parses the
+    configuration again), forks the new workers and SIGTERMs the old ones;
+    those stop accepting, finish their in-flight requests (answering each
+    with ``Connection: close``) and exit. Waiting for that makes "update.sh
+    returned" mean "every request from now on sees the new configuration".
+    Old workers still busy after ``drain_timeout`` (long downloads, tunnels)
+    are Gunicorn's to stop at its graceful timeout; that is not a failure.
+    """
     master = running_master(settings)
     if master is None:
         print("proxy not running: the configuration will be read when it starts")
         return
-    before = _workers(master)
-    os.kill(master, signal.SIGHUP)
+    before = {pid for pid in _workers(master) if _alive(pid)}
+    try:
+        os.kill(master, signal.SIGHUP)
+    except ProcessLookupError:
+        print("proxy not running: the configuration will be read when it starts")
+        return
+    except PermissionError:
+        raise HookError(f"not allowed to signal the proxy master {master} (run the hook as its user or root)")
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _workers(master) - before:
-            print(f"reload signalled to master {master}")
-            return
-        if not _is_gunicorn(master):
+    while not {pid for pid in _workers(master) if _alive(pid)} - before:
+        if not _alive(master):
             raise HookError(f"proxy master {master} exited during reload")
-        time.sleep(0.1)
-    raise HookError(f"proxy master {master} started no new workers within {timeout:g}s of SIGHUP")
+        if time.monotonic() > deadline:
+            raise HookError(f"proxy master {master} started no new workers within {timeout:g}s of SIGHUP")
+        time.sleep(0.05)
+    deadline = time.monotonic() + drain_timeout
+    while any(_alive(pid) for pid in before):
+        if time.monotonic() > deadline:
+            print(f"reloaded; old workers still finishing requests after {drain_timeout:g}s")
+            return
+        time.sleep(0.05)
+    print(f"reloaded: master {master} runs a new generation of workers")
 
 
 def update(settings: Settings) -> None:
@@ -105,9 +134,26 @@ def update(settings: Settings) -> None:
 # -- logs -------------------------------------------------------------------------------
 
 
-def _open_by(pids: set[int], path: Path) -> bool:
-    """Whether any of these processes still has ``path`` open."""
-    target = str(path)
+#: Where logrotate is looked for when it is not on PATH (the platform may run
+#: hooks with a PATH that lacks the sbin directories Debian installs it in).
+_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+FileId = tuple[int, int]
+
+
+def _file_id(path: Path) -> FileId | None:
+    """(device, inode) of ``path``, or None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _open_by(pids: set[int], files: set[FileId]) -> set[int]:
+    """The processes among ``pids`` holding a descriptor on one of ``files``
+    (identified by inode, so renamed, compressed or deleted files count)."""
+    holders = set()
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -115,52 +161,103 @@ def _open_by(pids: set[int], path: Path) -> bool:
             continue
         for fd in fds:
             try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return True
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-    return False
+            if (st.st_dev, st.st_ino) in files:
+                holders.add(pid)
+                break
+    return holders
 
 
-def reopen_logs(settings: Settings, master: int, timeout: float = 10.0) -> None:
-    """SIGUSR1 the master (it reopens, then makes each worker reopen) and
-    wait until no process writes to the rotated files any more."""
-    rotated = [settings.access_log.with_name(settings.access_log.name + ".1"),
-               settings.error_log.with_name(settings.error_log.name + ".1")]
+def reopen_logs(master: int, rotated: set[FileId], timeout: float = 10.0) -> None:
+    """SIGUSR1 the master (it reopens its files, then SIGUSR1s each worker to
+    reopen theirs) and return once no process of the proxy holds a rotated
+    file any more: after this returns nothing is written to those files.
+
+    A process still holding one a second later is signalled again, directly
+    (a worker forked just before the master reopened has the old files and
+    may have missed the master's signal while it was booting).
+    """
     os.kill(master, signal.SIGUSR1)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = {master} | _workers(master)
-        if not any(_open_by(pids, path) for path in rotated):
+    resend = time.monotonic() + 1.0
+    while True:
+        if not _is_gunicorn(master):
+            raise HookError(f"proxy master {master} exited while reopening its log files")
+        holders = _open_by({master} | _workers(master), rotated)
+        if not holders:
             return
-        time.sleep(0.05)
-    raise HookError(f"log files were not reopened within {timeout:g}s of SIGUSR1 to {master}")
+        now = time.monotonic()
+        if now > deadline:
+            raise HookError(
+                f"log files not reopened within {timeout:g}s of SIGUSR1 to master {master}: "
+                f"pids {sorted(holders)} still hold the rotated files"
+            )
+        if now > resend:
+            for pid in holders:
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+            resend = now + 1.0
+        time.sleep(0.02)
+
+
+def _logrotate_program() -> str:
+    found = shutil.which("logrotate") or shutil.which("logrotate", path=os.pathsep.join(_SBIN_DIRS))
+    if found is None:
+        raise HookError(f"logrotate is not installed (not on PATH nor in {', '.join(_SBIN_DIRS)})")
+    return found
 
 
 def logrotate(settings: Settings) -> None:
-    """Rotate the log files with logrotate, then have Gunicorn reopen them."""
+    """Rotate the log files with logrotate, then have Gunicorn reopen them.
+
+    Nothing to do (exit 0, nothing changed) with the stdout target or before
+    the proxy has created its files. Files but no running proxy to reopen
+    them is a failure, found before anything is rotated.
+    """
     if settings.log_target != "file":
         return
-    files = [p for p in (settings.access_log, settings.error_log) if p.exists()]
-    if not files:
+    before = {path: _file_id(path) for path in (settings.access_log, settings.error_log)}
+    if not any(before.values()):
         return
     master = _pid_for_rotation(settings)
+    program = _logrotate_program()
     conf = settings.log_dir / "logrotate.conf"
-    conf.write_text(LOGROTATE_TEMPLATE.read_text().replace("@LOG_DIR@", str(settings.log_dir)))
-    result = subprocess.run(
-        ["logrotate", "--force", "--state", str(settings.log_dir / "logrotate.state"), str(conf)],
-        capture_output=True, text=True,
-    )
+    rendered = LOGROTATE_TEMPLATE.read_text().replace("@LOG_DIR@", str(settings.log_dir))
+    try:
+        if not conf.exists() or conf.read_text() != rendered:
+            scratch = conf.with_name(conf.name + ".tmp")
+            scratch.write_text(rendered)
+            os.chmod(scratch, 0o644)  # logrotate refuses group/world-writable configurations
+            os.replace(scratch, conf)
+        result = subprocess.run(
+            [program, "--force", "--state", str(settings.log_dir / "logrotate.state"), str(conf)],
+            capture_output=True,
+            text=True,
+        )
+    except OSError as exc:
+        raise HookError(f"cannot run logrotate: {exc}") from None
     if result.returncode != 0:
-        raise HookError(f"logrotate failed ({result.returncode}): {result.stderr.strip()}")
-    reopen_logs(settings, master)
+        raise HookError(f"logrotate failed (exit {result.returncode}): {result.stderr.strip()}")
+    rotated = {fid for path, fid in before.items() if fid is not None and _file_id(path) != fid}
+    if rotated:
+        reopen_logs(master, rotated)
 
 
 def _pid_for_rotation(settings: Settings) -> int:
+    """The running master's pid; HookError saying why there is none."""
     try:
         raw = settings.pidfile.read_text().strip()
     except FileNotFoundError:
-        raise HookError(f"log files exist but {settings.pidfile} does not: cannot signal the proxy to reopen them")
+        raise HookError(
+            f"log files exist in {settings.log_dir} but {settings.pidfile} does not: "
+            "the proxy is not running, nothing could reopen rotated files"
+        )
+    except OSError as exc:
+        raise HookError(f"cannot read {settings.pidfile}: {exc}")
     try:
         pid = int(raw)
     except ValueError:
@@ -174,12 +271,21 @@ def _pid_for_rotation(settings: Settings) -> int:
 
 
 def message(settings: Settings, name: str, args: list[str]) -> None:
+    """``messagehandler.sh NAME ARGS``: ``updateenvironment`` and ``reload`` do
+    what update.sh does; ``reopen-logs`` has the master and its workers reopen
+    their log files (SIGUSR1; nothing to do when logging to stdout or when no
+    proxy runs). ARGS are not used by any of these."""
     if name in ("updateenvironment", "reload"):
         update(settings)
     elif name == "reopen-logs":
         master = running_master(settings)
         if master is not None and settings.log_target == "file":
-            os.kill(master, signal.SIGUSR1)
+            try:
+                os.kill(master, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                raise HookError(f"not allowed to signal the proxy master {master}")
     else:
         raise HookError(f"unknown message: {name}")
 

@@ -10,6 +10,7 @@ body byte has been read (see ``send``).
 from __future__ import annotations
 
 import http.client
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from urllib3 import HTTPConnectionPool, PoolManager
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import (
     ConnectTimeoutError,
+    InvalidHeader,
     NameResolutionError,
     NewConnectionError,
     ProtocolError,
@@ -72,9 +74,84 @@ class ClientBodyError(Exception):
     client went away); the request cannot be completed."""
 
 
-class TimedConnection(HTTPConnection):
-    """Records how long the TCP connect took, for the access log."""
+class _HeadReader:
+    """The socket file of one response, checking the lines of its head.
 
+    http.client hands the head to the email parser, which takes a bare CR for
+    a line break (one field becomes two) and silently ends the head at a line
+    it cannot parse. RFC 9112 sections 2.2 and 5.1 make both errors; here
+    they fail the response (502) instead. Body reads pass straight through.
+    """
+
+    __slots__ = ("_fp", "checking", "_status_line")
+
+    def __init__(self, fp) -> None:
+        self._fp = fp
+        self.checking = True
+        self._status_line = True
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._fp.readline(limit)
+        if not self.checking:
+            return line
+        content = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
+        if _CONTROL.search(content):
+            raise http.client.HTTPException(f"control character (bare CR, NUL...) in the response head: {line[:100]!r}")
+        if not content:
+            self._status_line = True  # the end of one head (an interim one may follow)
+        elif self._status_line:
+            self._status_line = False
+        elif content[:1] not in (b" ", b"\t") and not _FIELD_NAME.match(content):
+            raise http.client.HTTPException(f"invalid field line in the response head: {line[:100]!r}")
+        return line
+
+    def __getattr__(self, name: str):
+        return getattr(self._fp, name)
+
+
+#: A field line starts with a token and a colon, no whitespace between.
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:")
+#: No control character but HTAB anywhere in a head (RFC 9110 section 5.5).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class _StrictResponse(http.client.HTTPResponse):
+    """http.client's response, without the leniencies that would let next-hop
+    and the client disagree about where an answer ends.
+
+    - An interim 1xx answer other than 100 (102, 103 Early Hints) is skipped
+      like 100; http.client would take it for the final answer, and the
+      client would then pair the next answer on its connection with this
+      request.
+    - 101 is refused: pooled requests never ask to switch protocols (an
+      upgrade goes through ``proxy.tunnel`` on its own connection).
+    - The head's lines are checked (``_HeadReader``).
+    """
+
+    def __init__(self, sock, *args, **kwargs) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp = _HeadReader(self.fp)
+
+    def _read_status(self):
+        while True:
+            version, status, reason = super()._read_status()
+            if status == 101:
+                raise http.client.HTTPException("101 Switching Protocols to a request that asked for no upgrade")
+            if status == http.client.CONTINUE or not 100 <= status < 200:
+                return version, status, reason
+            http.client._read_headers(self.fp)  # type: ignore[attr-defined]
+
+    def begin(self) -> None:
+        fp = self.fp
+        super().begin()
+        fp.checking = False
+
+
+class TimedConnection(HTTPConnection):
+    """Records how long the TCP connect took, for the access log; reads
+    answers strictly (``_StrictResponse``)."""
+
+    response_class = _StrictResponse
     connect_s = 0.0
 
     def connect(self) -> None:
@@ -104,6 +181,11 @@ class RequestBody:
             except Exception as exc:
                 raise ClientBodyError(f"reading the request body failed: {exc!r}") from exc
             if not chunk:
+                if remaining:
+                    # next-hop was promised ``Content-Length`` bytes: ending
+                    # short would let it take the start of the next request
+                    # on a pooled connection for the rest of this body.
+                    raise ClientBodyError(f"the client closed its body {remaining} bytes short of its Content-Length")
                 break
             self.bytes_read += len(chunk)
             if remaining is not None:
@@ -187,6 +269,8 @@ class Upstream:
                 raise UpstreamError(504, f"next-hop sent no response within {self.read_timeout:g}s") from exc
             except (http.client.HTTPException, OSError) as exc:
                 raise UpstreamError(502, f"invalid response from next-hop: {exc!r}") from exc
+            except InvalidHeader as exc:  # e.g. Content-Length: 5, 7
+                raise UpstreamError(502, f"invalid response from next-hop: {exc}") from exc
             first_byte_s = time.perf_counter() - start
             conn = response.connection
             connect_s = 0.0

@@ -24,7 +24,7 @@ import gevent
 from gunicorn.http import wsgi
 from gunicorn.workers.ggevent import GeventWorker
 
-from .logs import access_logged, capture_stray_output, log_files_moved
+from .logs import access_logged, capture_stray_output, error_log, log_files_moved
 
 #: After shutdown starts, a keep-alive connection idle this long is closed.
 SHUTDOWN_IDLE_GRACE = 1.0
@@ -190,7 +190,10 @@ class ProxyWorker(GeventWorker):
         try:
             super().handle_error(req, counting, addr, exc)
         finally:
-            log_rejected(req if req is not None else getattr(exc, "req", None), addr, exc, counting, started)
+            try:
+                log_rejected(req if req is not None else getattr(exc, "req", None), addr, exc, counting, started)
+            except Exception:
+                error_log.exception("cannot write the access line of a request Gunicorn rejected")
 
     def run(self) -> None:
         gevent.spawn(self._close_idle_on_shutdown)
