@@ -117,10 +117,12 @@ def serve_origin(port: int) -> None:
     asyncio.run(main())
 
 
-def start_origin(tmp: Path) -> tuple[subprocess.Popen, int, str]:
+def start_origin(tmp: Path, choice: str) -> tuple[subprocess.Popen, int, str]:
     port = free_port()
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
-    if nginx:
+    if choice == "nginx" and not nginx:
+        sys.exit("logging_overhead: nginx is not installed (apt-get install -y nginx), or use --origin python")
+    if nginx and choice != "python":
         conf = tmp / "nginx.conf"
         user = "user root;" if os.geteuid() == 0 else ""
         conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, user=user))
@@ -238,6 +240,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--format", choices=("json", "ltsv"), default="json", help="PROXY_LOG_FORMAT (default json)")
     p.add_argument("--target", choices=("file", "stdout"), default="file", help="PROXY_LOG_TARGET (default file)")
     p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto", help="load generator")
+    p.add_argument("--origin", choices=("auto", "nginx", "python"), default="auto", help="origin server")
     p.add_argument("--python", default=sys.executable, help="the Python that runs the proxy (default: this one)")
     p.add_argument("--serve-origin", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -256,7 +259,7 @@ def main(argv: list[str]) -> int:
     results: dict[str, list[float]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory(prefix="logging-overhead-") as scratch:
         tmp = Path(scratch)
-        origin, origin_port, origin_kind = start_origin(tmp)
+        origin, origin_port, origin_kind = start_origin(tmp, args.origin)
         try:
             for round_ in range(1, args.rounds + 1):
                 for mode in ("off", "on"):

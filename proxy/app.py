@@ -99,7 +99,12 @@ class Exchange:
         self.environ = environ
         self.start = time.time()
         self.start_perf = time.perf_counter()
-        self.request_id = environ.get("HTTP_X_REQUEST_ID") or os.urandom(16).hex()
+        request_id = environ.get("HTTP_X_REQUEST_ID")
+        if not request_id:
+            request_id = os.urandom(16).hex()
+            if "HTTP_X_REQUEST_ID" in environ:  # sent empty: forward the id we log instead
+                environ["HTTP_X_REQUEST_ID"] = request_id
+        self.request_id = request_id
         self.status = 0
         self.content_type = None
         self.header_bytes = 0

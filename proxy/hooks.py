@@ -240,11 +240,19 @@ def logrotate(settings: Settings) -> None:
         )
     except OSError as exc:
         raise HookError(f"cannot run logrotate: {exc}") from None
+    problems = []
     if result.returncode != 0:
-        raise HookError(f"logrotate failed (exit {result.returncode}): {result.stderr.strip()}")
+        problems.append(f"logrotate failed (exit {result.returncode}): {result.stderr.strip()}")
+    # Whatever logrotate managed to rename must be reopened, even if it then
+    # failed: the next rotation compresses and deletes the renamed files.
     rotated = {fid for path, fid in before.items() if fid is not None and _file_id(path) != fid}
     if rotated:
-        reopen_logs(master, rotated)
+        try:
+            reopen_logs(master, rotated)
+        except HookError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise HookError("; ".join(problems))
 
 
 def _pid_for_rotation(settings: Settings) -> int:

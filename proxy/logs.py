@@ -166,7 +166,11 @@ class SharedStreamHandler(logging.StreamHandler):
             fd = self.stream.fileno()
             lock = self._lock()
             if lock >= 0:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                except OSError:  # a file system without locks: write unlocked from now on
+                    os.close(lock)
+                    self.lock_file, self._lock_fd, lock = None, -1, -1
             try:
                 while data:
                     data = data[os.write(fd, data) :]

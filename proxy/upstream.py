@@ -258,7 +258,9 @@ class Upstream:
                 cause = exc.args[1] if len(exc.args) > 1 else exc
                 if attempt == 1 and isinstance(cause, _STALE_CONNECTION) and not (body and body.started):
                     continue
-                raise UpstreamError(502, f"next-hop closed the connection before answering: {cause!r}") from exc
+                if isinstance(cause, _STALE_CONNECTION):
+                    raise UpstreamError(502, f"next-hop closed the connection before answering: {cause!r}") from exc
+                raise UpstreamError(502, f"invalid response from next-hop: {cause!r}") from exc
             except NameResolutionError as exc:
                 raise UpstreamError(502, f"cannot resolve next-hop: {exc.conn.host}") from exc
             except NewConnectionError as exc:

@@ -116,10 +116,12 @@ def assert_aborted_upstream(origin: RawOrigin) -> None:
     """A refusal found in a streamed chunked body: the head (and any valid
     chunks before the fault) may already be at next-hop, but the request
     never completes there, its connection is closed, nothing follows it."""
-    wait_for(lambda: set(origin.streams) <= origin.closed, timeout=5, what="upstream connections to close")
-    for request in origin.received():
+    received = origin.received()
+    wait_for(lambda: {r.conn for r in received} <= origin.closed, timeout=5, what="upstream connections to close")
+    for request in received:
         assert not request.complete, request
-        assert request.index == 0 and request.problems == []
+        assert request.problems == []
+    assert len({r.conn for r in received}) == len(received), "nothing may follow an aborted request"
     assert b"smuggled" not in origin.all_bytes()
 
 
@@ -380,9 +382,9 @@ def test_a_body_cut_short_never_leaves_next_hop_waiting_for_more(port, origin):
     assert got.closed
     victim = talk(port, b"GET /victim HTTP/1.1\r\n" + H + b"Cookie: secret=1\r\n\r\n")
     assert victim.statuses == [200] and answer_to(victim.responses[0], "GET", "/victim")
-    victims = origin.received("/victim")
-    assert len(victims) == 1 and victims[0].index == 0, "the victim must travel on a fresh connection"
-    assert all(b"secret" not in r.body for r in origin.received())
+    [victim_request] = origin.received("/victim")
+    assert victim_request.all("Cookie") == [b"secret=1"] and victim_request.problems == []
+    assert all(b"victim" not in r.body and b"secret" not in r.body for r in origin.received())
 
 
 def test_a_chunked_body_cut_short_is_aborted_upstream(port, origin):
@@ -391,7 +393,9 @@ def test_a_chunked_body_cut_short_is_aborted_upstream(port, origin):
     assert got.closed and got.statuses in ([400], [])
     victim = talk(port, b"GET /victim HTTP/1.1\r\n" + H + b"\r\n")
     assert answer_to(victim.responses[0], "GET", "/victim")
-    assert origin.received("/victim")[0].index == 0
+    [victim_request] = origin.received("/victim")
+    assert victim_request.problems == []
+    assert all(b"victim" not in r.body for r in origin.received())
 
 
 def test_huge_chunk_size_never_reaches_next_hop_as_is(port, origin):
@@ -701,7 +705,8 @@ def test_slowloris_is_cut_off_by_the_header_timeout_without_starving_others(make
             latencies.append(time.monotonic() - started)
             assert got.statuses == [200], got.data[:200]
             time.sleep(0.1)
-        assert max(latencies) < 1.0, latencies
+        # Starved, they would wait for the slow clients' cut-off (2 s).
+        assert sorted(latencies)[len(latencies) // 2] < 0.5 and max(latencies) < 1.5, latencies
         for dribbler in dribblers:
             wait_for(lambda d=dribbler: len(d.closed_at) == len(d.socks), timeout=10, what="slow clients cut off")
             lived = [dribbler.closed_at[i] - dribbler.opened[i] for i in range(len(dribbler.socks))]
@@ -1196,3 +1201,10 @@ def test_bursts_of_sigusr1_and_sighup_while_serving_fail_nothing(make_proxy, raw
     assert proxy.process.poll() is None
     wait_for(lambda: len(proxy.workers()) == 2 and not before & set(proxy.workers()), timeout=40, what="new workers")
     assert_pool_healthy(proxy.port)
+
+
+def test_asterisk_form_goes_on_as_is_for_options(port, origin):
+    got = talk(port, b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n")
+    assert got.statuses == [200]
+    [request] = origin.received()
+    assert (request.method, request.target) == (b"OPTIONS", b"*")

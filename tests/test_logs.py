@@ -9,6 +9,7 @@ can be just after the client has it, so tests wait for the lines they expect.
 
 from __future__ import annotations
 
+import calendar
 import gzip
 import json
 import logging
@@ -198,7 +199,7 @@ def test_access_record_has_every_field(make_proxy, origin, fmt):
     [record] = wait_records(lambda: access_records(proxy, fmt), 1)
     assert set(record) == ACCESS_FIELDS
     assert ISO_MS.fullmatch(record["time"])
-    assert abs(time.time() - time.mktime(time.strptime(record["time"][:19], "%Y-%m-%dT%H:%M:%S")) + time.timezone) < 60
+    assert abs(time.time() - calendar.timegm(time.strptime(record["time"][:19], "%Y-%m-%dT%H:%M:%S"))) < 60  # UTC
     assert s(record["request"]) == "POST /fields/a?b=c HTTP/1.1"
     assert s(record["status"]) == "200"
     assert s(record["upstream_status"]) == "200"
@@ -245,6 +246,18 @@ def test_generated_request_ids_are_forwarded_and_logged(shared_proxy, origin):
     assert [r["request_id"] for r in records] == forwarded
     assert len(set(forwarded)) == 5
     assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in forwarded)
+
+
+def test_an_empty_request_id_is_replaced_by_the_logged_one(shared_proxy, origin):
+    before = len(access_records(shared_proxy))
+    raw = raw_request(
+        shared_proxy.port, b"GET /empty-id HTTP/1.1\r\nHost: x\r\nX-Request-Id:\r\nConnection: close\r\n\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert origin.last().target == "/empty-id"
+    forwarded = origin.last().all("X-Request-Id")
+    [record] = wait_records(lambda: access_records(shared_proxy), before + 1)[before:]
+    assert forwarded == [record["request_id"]] and re.fullmatch(r"[0-9a-f]{32}", record["request_id"])
 
 
 def test_one_line_per_request_on_a_keepalive_connection(shared_proxy):
