@@ -83,7 +83,7 @@ def on_starting(server) -> None:
     try:
         proxy_config.active = proxy_config.load(_settings.config_dir)
     except proxy_config.ConfigError as exc:
-        sys.stderr.write(f"invalid configuration, not starting:\n{exc}\n")
+        error_log.error("invalid configuration, not starting: %s", "; ".join(map(str, exc.problems)))
         raise SystemExit(1) from None
 
 

@@ -149,15 +149,26 @@ class _StrictResponse(http.client.HTTPResponse):
 
 class TimedConnection(HTTPConnection):
     """Records how long the TCP connect took, for the access log; reads
-    answers strictly (``_StrictResponse``)."""
+    answers strictly (``_StrictResponse``); sends the request body with the
+    read timeout (urllib3 would keep the connect timeout while sending, so a
+    next-hop slow to take a large upload would fail after a few seconds)."""
 
     response_class = _StrictResponse
     connect_s = 0.0
+
+    def __init__(self, *args, send_timeout: float | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.send_timeout = send_timeout
 
     def connect(self) -> None:
         start = time.perf_counter()
         super().connect()
         self.connect_s = time.perf_counter() - start
+
+    def endheaders(self, message_body=None, *, encode_chunked: bool = False) -> None:
+        super().endheaders(message_body, encode_chunked=encode_chunked)
+        if self.send_timeout is not None and self.sock is not None:
+            self.sock.settimeout(self.send_timeout)
 
 
 class RequestBody:
@@ -219,6 +230,7 @@ class Upstream:
         )
         self.manager.pool_classes_by_scheme = {"http": _Pool, "https": _Pool}
         self.pool: HTTPConnectionPool = self.manager.connection_from_host(host, port, scheme="http")
+        self.pool.conn_kw["send_timeout"] = read_timeout  # passed to each TimedConnection
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
@@ -260,6 +272,8 @@ class Upstream:
                     continue
                 if isinstance(cause, _STALE_CONNECTION):
                     raise UpstreamError(502, f"next-hop closed the connection before answering: {cause!r}") from exc
+                if isinstance(cause, TimeoutError):
+                    raise UpstreamError(504, f"next-hop took no request body for {self.read_timeout:g}s") from exc
                 raise UpstreamError(502, f"invalid response from next-hop: {cause!r}") from exc
             except NameResolutionError as exc:
                 raise UpstreamError(502, f"cannot resolve next-hop: {exc.conn.host}") from exc

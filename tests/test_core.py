@@ -456,3 +456,36 @@ def test_malformed_chunked_body_is_400_and_the_worker_lives(shared_proxy):
     )
     assert raw.startswith(b"HTTP/1.1 400"), raw[:100]
     assert shared_proxy.request("GET", "/after")[0].status == 200
+
+
+def test_next_hop_not_taking_the_body_is_504_after_the_read_timeout(make_proxy):
+    """urllib3 would send the body under the connect timeout (0.5 s here) and
+    call a slow reader a broken connection; the read timeout applies."""
+    sink = socket.create_server(("127.0.0.1", 0))
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(sink.accept()), daemon=True).start()
+    try:
+        proxy = make_proxy(
+            env={"NEXT_HOP": f"127.0.0.1:{sink.getsockname()[1]}", "PROXY_LOG_TARGET": "stdout"},
+            config="[upstream]\nconnect_timeout = 0.5\nread_timeout = 3\n",
+        )
+        size = 16 << 20
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+            sock.sendall(f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+            threading.Thread(target=lambda: _send_quietly(sock, b"x" * size), daemon=True).start()
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 504"), head[:80]
+        errors = [e for e in _error_lines(proxy) if e["level"] == "ERROR"]
+        assert len(errors) == 1 and "took no request body for 3s" in errors[0]["message"], errors
+    finally:
+        sink.close()
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
