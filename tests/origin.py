@@ -131,7 +131,7 @@ class Origin:
                     drop_next = True
                 if not keep or (received.header("Connection") or "").lower() == "close":
                     return
-        except OSError:
+        except (OSError, ValueError):  # the peer went away mid-request
             return
         finally:
             with self._lock:
