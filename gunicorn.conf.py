@@ -52,6 +52,7 @@ limit_request_fields = 100
 limit_request_field_size = 8190
 
 accesslog = None
+logger_class = "proxy.logs.ProxyGunicornLogger"
 errorlog = str(_settings.error_log) if _settings.log_target == "file" else "-"
 capture_output = _settings.log_target == "file"
 logconfig_dict = logging_config(_settings)

@@ -67,8 +67,10 @@ def main() -> int:
         "PROXY_LOG_TARGET": "stdout",
         **os.environ,
     }
-    print(f"demo origin on 127.0.0.1:{ORIGIN_PORT}; proxy on http://127.0.0.1:{env['PORT']}/ (Ctrl-C stops)",
-          file=sys.stderr)
+    print(
+        f"demo origin on 127.0.0.1:{ORIGIN_PORT}; proxy on http://127.0.0.1:{env['PORT']}/ (Ctrl-C stops)",
+        file=sys.stderr,
+    )
     proxy = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=ROOT, env=env)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: proxy.send_signal(signal.SIGTERM))

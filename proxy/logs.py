@@ -27,6 +27,7 @@ import traceback
 from contextvars import ContextVar
 from typing import Any
 
+from gunicorn.glogging import Logger as GunicornLogger
 from pythonjsonlogger.json import JsonFormatter
 
 from .settings import Settings
@@ -181,6 +182,15 @@ class SharedStreamHandler(logging.StreamHandler):
             raise
         except Exception:
             self.handleError(record)
+
+
+class ProxyGunicornLogger(GunicornLogger):
+    """Gunicorn's logger minus its access log: the proxy writes its own
+    access records (``proxy.access``), and Gunicorn would otherwise build
+    its unused access atoms for every request."""
+
+    def _compute_access_log_enabled(self) -> bool:
+        return False
 
 
 def logging_config(settings: Settings) -> dict[str, Any]:

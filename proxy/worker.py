@@ -51,6 +51,39 @@ class ProxyResponse(wsgi.Response):
             elif lower == "connection" and value.strip().lower() == "close":
                 self.must_close = True
 
+    #: The response head, held back to leave with the first body bytes.
+    _head: bytes | None = None
+
+    def send_headers(self) -> None:
+        """Send the head with the first body bytes when the length is known:
+        one send (and one TCP segment) instead of two for most responses.
+        Bodies of unknown length (streams, server-sent events) get their
+        head at once, since their first bytes may be a long time coming."""
+        if self.headers_sent or not self.response_length:
+            super().send_headers()
+            return
+        sock, self.sock = self.sock, _HeldWrite()
+        try:
+            super().send_headers()
+        finally:
+            self._head, self.sock = self.sock.data, sock
+
+    def _emit_body(self, data: bytes) -> None:
+        head = self._head
+        if head is None:
+            super()._emit_body(data)
+            return
+        self._head = None
+        self.sock.sendall(head + data)
+
+    def close(self) -> None:
+        if not self.headers_sent:  # no body at all: nothing to wait for
+            super().send_headers()
+        elif self._head is not None:
+            head, self._head = self._head, None
+            self.sock.sendall(head)
+        super().close()
+
     def default_headers(self) -> list[str]:
         headers = super().default_headers()
         if self.origin_server or self.origin_date:
@@ -60,6 +93,15 @@ class ProxyResponse(wsgi.Response):
                 if not (self.origin_server and h.startswith("Server: ") or self.origin_date and h.startswith("Date: "))
             ]
         return headers
+
+
+class _HeldWrite:
+    """Stands in for the client socket while Gunicorn writes the head."""
+
+    data = b""
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
 
 
 class _IdleWait:
