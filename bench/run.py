@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
-from harness import KIB, MIB, PROXY_VENV, RESULTS, log  # noqa: E402
+from harness import MIB, PROXY_VENV, RESULTS, log  # noqa: E402
 
 #: Server keys in table order, with the names the table shows.
 SERVERS = {
@@ -88,13 +88,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 s per wrk run, fewer connections")
     p.add_argument("--duration", type=int, help="seconds per wrk run (default 10, --quick 1)")
     p.add_argument("--warmup", type=int, help="seconds of warm-up per server (default 2, --quick 1)")
-    p.add_argument("--workers", type=int, default=harness.cpus(), help="workers for the Gunicorn proxies (default: CPUs)")
+    p.add_argument(
+        "--workers", type=int, default=harness.cpus(), help="workers for the Gunicorn proxies (default: CPUs)"
+    )
     p.add_argument("--origin-workers", type=int, default=1, help="nginx origin worker processes (default 1)")
     p.add_argument("--threads", type=int, default=harness.cpus(), help="wrk threads (default: CPUs)")
     p.add_argument("--only", help="comma-separated servers to run: " + ",".join(SERVERS))
     p.add_argument("--scenarios", help="comma-separated scenarios: " + ",".join(s.key for s in SCENARIOS))
-    p.add_argument("--proxy-python", type=Path, default=PROXY_VENV / "bin" / "python",
-                   help="Python of the proxy's venv (default: .venv, made from the lock files if missing)")
+    p.add_argument(
+        "--proxy-python",
+        type=Path,
+        default=PROXY_VENV / "bin" / "python",
+        help="Python of the proxy's venv (default: .venv, made from the lock files if missing)",
+    )
     p.add_argument("--no-install", action="store_true", help="do not install anything; fail if something is missing")
     p.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="JSON results (the PNG goes beside it)")
     p.add_argument("--keep-scratch", action="store_true", help="keep the temp dir with configs and logs")
@@ -171,21 +177,42 @@ def compute_targets(scenarios: list[dict]) -> list[Target]:
         return result["latency_us"]["p99"] if field == "p99" else result[field]
 
     return [
-        Target("rps_vs_node", "1 KiB keep-alive req/s: proxy / Node http-proxy",
-               _ratio(value("1k_keepalive", "proxy", "rps"), value("1k_keepalive", "node", "rps")), 0.5, "ge"),
-        Target("rps_vs_wsgiproxy2", "1 KiB keep-alive req/s: proxy / WSGIProxy2",
-               _ratio(value("1k_keepalive", "proxy", "rps"), value("1k_keepalive", "wsgiproxy2", "rps")), 1.5, "ge"),
-        Target("p99_vs_node", "1 KiB keep-alive p99: proxy / Node http-proxy",
-               _ratio(value("1k_keepalive", "proxy", "p99"), value("1k_keepalive", "node", "p99")), 2.0, "le"),
-        Target("mb_vs_node", "1 MiB download MB/s: proxy / Node http-proxy",
-               _ratio(value("1m_download", "proxy", "mb_per_s_down"), value("1m_download", "node", "mb_per_s_down")),
-               1.0, "ge"),
+        Target(
+            "rps_vs_node",
+            "1 KiB keep-alive req/s: proxy / Node http-proxy",
+            _ratio(value("1k_keepalive", "proxy", "rps"), value("1k_keepalive", "node", "rps")),
+            0.5,
+            "ge",
+        ),
+        Target(
+            "rps_vs_wsgiproxy2",
+            "1 KiB keep-alive req/s: proxy / WSGIProxy2",
+            _ratio(value("1k_keepalive", "proxy", "rps"), value("1k_keepalive", "wsgiproxy2", "rps")),
+            1.5,
+            "ge",
+        ),
+        Target(
+            "p99_vs_node",
+            "1 KiB keep-alive p99: proxy / Node http-proxy",
+            _ratio(value("1k_keepalive", "proxy", "p99"), value("1k_keepalive", "node", "p99")),
+            2.0,
+            "le",
+        ),
+        Target(
+            "mb_vs_node",
+            "1 MiB download MB/s: proxy / Node http-proxy",
+            _ratio(value("1m_download", "proxy", "mb_per_s_down"), value("1m_download", "node", "mb_per_s_down")),
+            1.0,
+            "ge",
+        ),
     ]
 
 
 def format_table(scenarios: list[dict]) -> str:
-    head = (f"{'scenario':<42} {'server':<18} {'req/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-            f"{'errors':>7} {'x proxy':>8} {'p99 x proxy':>11}")
+    head = (
+        f"{'scenario':<42} {'server':<18} {'req/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'errors':>7} {'x proxy':>8} {'p99 x proxy':>11}"
+    )
     lines = [head, "-" * len(head)]
     for scenario in scenarios:
         results = scenario["results"]
@@ -214,9 +241,8 @@ def draw_chart(data: dict, path: Path) -> None:
 
     scenarios = data["scenarios"]
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
-    colours = {"proxy": "#d62728", "node": "#2ca02c", "wsgiproxy2": "#9467bd", "nginx": "#1f77b4",
-               "origin": "#7f7f7f"}
-    for ax, scenario in zip(axes.flat, scenarios):
+    colours = {"proxy": "#d62728", "node": "#2ca02c", "wsgiproxy2": "#9467bd", "nginx": "#1f77b4", "origin": "#7f7f7f"}
+    for ax, scenario in zip(axes.flat, scenarios, strict=False):
         metric = scenario["metric"]
         keys = list(scenario["results"])
         values = [scenario["results"][k][metric] for k in keys]
@@ -238,7 +264,7 @@ def draw_chart(data: dict, path: Path) -> None:
         ax.set_ylabel("ms")
         ax.set_title("Latency, 1 KiB GET, 50 keep-alive conns", fontsize=10)
         ax.legend()
-    for extra in list(axes.flat)[len(scenarios) + (1 if latency else 0):]:
+    for extra in list(axes.flat)[len(scenarios) + (1 if latency else 0) :]:
         extra.axis("off")
     meta = data["meta"]
     fig.suptitle(
@@ -293,9 +319,11 @@ def main(argv: list[str]) -> int:
     draw_chart(data, png)
 
     print()
-    print(f"edge proxy benchmark, {data['meta']['date']}: {args.duration} s per run, "
-          f"{args.workers} proxy workers, {harness.cpus()} CPUs, wrk -t{args.threads}"
-          + ("  [QUICK SMOKE RUN: numbers are meaningless]" if args.quick else ""))
+    print(
+        f"edge proxy benchmark, {data['meta']['date']}: {args.duration} s per run, "
+        f"{args.workers} proxy workers, {harness.cpus()} CPUs, wrk -t{args.threads}"
+        + ("  [QUICK SMOKE RUN: numbers are meaningless]" if args.quick else "")
+    )
     print("x proxy = this row's req/s (MB/s for the 1 MiB rows) / the proxy's; p99 x proxy likewise for p99\n")
     print(format_table(scenarios))
     print("Targets (ratios measured in this run):")
