@@ -134,7 +134,7 @@ def start_servers(services: harness.Services, args: argparse.Namespace) -> dict[
             started[key] = services.wsgiproxy(origin, workers=args.workers)
         elif key == "nginx":
             started[key] = services.nginx_proxy(origin)
-    for key, server in started.items():
+    for server in started.values():
         harness.sanity_check(server)
     return started
 
