@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint lock bench clean
+.PHONY: run test lint lock bench bench-scale clean
 
 $(VENV)/.installed: requirements-lock.txt requirements-dev-lock.txt
 	python3 -m venv $(VENV)
@@ -24,6 +24,14 @@ lock:
 	$(VENV)/bin/pip install --quiet pip-tools
 	$(VENV)/bin/pip-compile --quiet --generate-hashes --no-emit-index-url --no-emit-find-links --allow-unsafe --strip-extras -o requirements-lock.txt requirements.txt
 	$(VENV)/bin/pip-compile --quiet --generate-hashes --no-emit-index-url --no-emit-find-links --allow-unsafe --strip-extras -o requirements-dev-lock.txt requirements-dev.txt
+
+# Not part of the tests: see bench/README.md. Needs an otherwise idle machine.
+bench: $(VENV)/.installed
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Memory per streamed GiB and per idle connection, and 1 vs N workers: bench/README.md.
+bench-scale: $(VENV)/.installed
+	$(PY) bench/scale.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)
