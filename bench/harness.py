@@ -128,6 +128,10 @@ def raise_nofile(want: int = 65536) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def _nofile() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -169,7 +173,7 @@ daemon off;
 master_process on;
 pid {tmp}/origin.pid;
 error_log {tmp}/origin-error.log warn;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile {nofile};
 events {{ worker_connections 20000; }}
 http {{
     access_log off;
@@ -212,7 +216,7 @@ daemon off;
 master_process on;
 pid {tmp}/nginx-proxy.pid;
 error_log {tmp}/nginx-proxy-error.log warn;
-worker_rlimit_nofile 65536;
+worker_rlimit_nofile {nofile};
 events {{ worker_connections 20000; }}
 http {{
     access_log {tmp}/nginx-proxy-access.log;
@@ -315,8 +319,19 @@ class Services:
                 f.truncate(big_file)
         port = free_port()
         conf = self.tmp / "origin.conf"
-        conf.write_text(_NGINX_ORIGIN.format(user=self._user_line(), workers=workers, tmp=self.tmp, www=www, port=port))
+        conf.write_text(
+            _NGINX_ORIGIN.format(
+                user=self._user_line(), nofile=_nofile(), workers=workers, tmp=self.tmp, www=www, port=port
+            )
+        )
         server = self._spawn("origin", port, ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e", "stderr"])
+        self.wait_ready(server)
+        return server
+
+    def stream_origin(self) -> Server:
+        """The stdlib origin of ``stream_origin.py`` (unbounded bodies both ways)."""
+        port = free_port()
+        server = self._spawn("stream-origin", port, [sys.executable, str(BENCH / "stream_origin.py"), str(port)])
         self.wait_ready(server)
         return server
 
@@ -339,7 +354,7 @@ class Services:
             "PROXY_ACCESS_LOG": "on" if access_log else "off",
         }
         cmd = [str(self.proxy_python), "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
-        server = self._spawn(name, port, cmd, signal.SIGINT, cwd=ROOT, env=env)
+        server = self._spawn(name, port, cmd, signal.SIGTERM, cwd=ROOT, env=env)
         server.logs += [scratch / "log" / "error.log"]
         self.wait_ready(server)
         return server
@@ -347,7 +362,9 @@ class Services:
     def nginx_proxy(self, origin: Server) -> Server:
         port = free_port()
         conf = self.tmp / "nginx-proxy.conf"
-        conf.write_text(_NGINX_PROXY.format(user=self._user_line(), tmp=self.tmp, port=port, origin=origin.port))
+        conf.write_text(
+            _NGINX_PROXY.format(user=self._user_line(), nofile=_nofile(), tmp=self.tmp, port=port, origin=origin.port)
+        )
         server = self._spawn("nginx", port, ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e", "stderr"])
         self.wait_ready(server)
         return server
@@ -374,7 +391,7 @@ class Services:
             "BENCH_KEEPALIVE": str(proxy_settings.KEEPALIVE_TIMEOUT),
         }
         cmd = [str(BENCH_PY), "-m", "gunicorn", "-c", str(BENCH / "wsgiproxy_conf.py")]
-        server = self._spawn("wsgiproxy2", port, cmd, signal.SIGINT, cwd=BENCH, env=env)
+        server = self._spawn("wsgiproxy2", port, cmd, signal.SIGTERM, cwd=BENCH, env=env)
         self.wait_ready(server)
         return server
 
