@@ -138,6 +138,17 @@ def only_worker(server: harness.Server) -> int:
 # -- 1. streaming ---------------------------------------------------------------------
 
 
+def _transfer(sampler, baseline: int, seconds: float, size: int) -> dict:
+    """One streamed transfer's memory and speed."""
+    return {
+        "peak_rss": sampler.peak,
+        "growth": sampler.peak - baseline,
+        "seconds": seconds,
+        "mb_per_s": size / seconds / 1e6,
+        "samples": sampler.samples,
+    }
+
+
 def stream_test(services: harness.Services, size: int) -> dict:
     origin = services.stream_origin()
     proxy = services.proxy(origin, workers=1, access_log=True, name="proxy-stream")
@@ -161,13 +172,7 @@ def stream_test(services: harness.Services, size: int) -> dict:
     seconds = time.perf_counter() - start
     if status != 200 or got != size:
         raise RuntimeError(f"download through the proxy: status {status}, {got} of {size} bytes")
-    out["down"] = {
-        "peak_rss": sampler.peak,
-        "growth": sampler.peak - baseline,
-        "seconds": seconds,
-        "mb_per_s": size / seconds / 1e6,
-        "samples": sampler.samples,
-    }
+    out["down"] = _transfer(sampler, baseline, seconds, size)
 
     log(f"streaming {size // MIB} MiB up through one worker")
     zeros = memoryview(bytes(BLOCK))
@@ -183,13 +188,7 @@ def stream_test(services: harness.Services, size: int) -> dict:
     seconds = time.perf_counter() - start
     if status != 200 or body.strip() != str(size).encode():
         raise RuntimeError(f"upload through the proxy: status {status}, origin says {body[:100]!r}")
-    out["up"] = {
-        "peak_rss": sampler.peak,
-        "growth": sampler.peak - baseline,
-        "seconds": seconds,
-        "mb_per_s": size / seconds / 1e6,
-        "samples": sampler.samples,
-    }
+    out["up"] = _transfer(sampler, baseline, seconds, size)
     services.stop(proxy)
     services.stop(origin)
     return out
