@@ -263,13 +263,23 @@ class ProxyWorker(GeventWorker):
 
 
 def _wake_with_eof(client: socket.socket) -> None:
-    """Shut the connection down under the greenlet waiting on it.
+    """Shut an idle connection down under the greenlet waiting on it,
+    unless a request has just arrived on it (that one is served, with
+    ``Connection: close``).
 
     gevent's own ``shutdown`` raises EBADF in the waiting greenlet (which
     Gunicorn logs as an error with a traceback); shutting down the OS socket
     underneath makes the wait end with a plain end-of-stream instead.
     """
+    raw = client._sock  # type: ignore[attr-defined]
     try:
-        client._sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+        if raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+            return
+    except BlockingIOError:
+        pass
+    except OSError:
+        return
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
