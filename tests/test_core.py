@@ -15,25 +15,8 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, free_port, rss_kib, wait_for
+from conftest import ROOT, free_port, raw_exchange, rss_kib, wait_for
 from origin import Origin, pattern_bytes
-
-
-def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send raw bytes, return everything the proxy sends until it closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
-
 
 # -- 1. streaming ------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, wait_for
+from conftest import ROOT, free_port, raw_exchange, wait_for
 
 from proxy.logs import JsonAccessFormatter, ltsv, ltsv_escape
 
@@ -123,21 +123,6 @@ def wait_records(read, count: int, what: str = "access lines") -> list[dict]:
 def s(value) -> str | None:
     """A field as text, the same way in both formats."""
     return None if value is None else str(value)
-
-
-def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def fds_on(pids: list[int], path: Path) -> list[tuple[int, str]]:
@@ -250,7 +235,7 @@ def test_generated_request_ids_are_forwarded_and_logged(shared_proxy, origin):
 
 def test_an_empty_request_id_is_replaced_by_the_logged_one(shared_proxy, origin):
     before = len(access_records(shared_proxy))
-    raw = raw_request(
+    raw = raw_exchange(
         shared_proxy.port, b"GET /empty-id HTTP/1.1\r\nHost: x\r\nX-Request-Id:\r\nConnection: close\r\n\r\n"
     )
     assert raw.startswith(b"HTTP/1.1 200")
@@ -284,7 +269,7 @@ def test_failed_requests_get_exactly_one_line_each(make_proxy):
     assert proxy.request("GET", "/stall", headers={"X-Request-Id": "f-504"})[0].status == 504
     expect.append(("f-504", {"status": "504", "outcome": "upstream_error", "upstream_status": None}))
     # next-hop fails mid-body: the client sees a truncated 200
-    raw_request(port, b"GET /truncate/200000 HTTP/1.1\r\nHost: x\r\nX-Request-Id: f-trunc\r\n\r\n")
+    raw_exchange(port, b"GET /truncate/200000 HTTP/1.1\r\nHost: x\r\nX-Request-Id: f-trunc\r\n\r\n")
     expect.append(("f-trunc", {"status": "200", "outcome": "upstream_error", "upstream_status": "200"}))
     # the client goes away mid-response
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -294,13 +279,13 @@ def test_failed_requests_get_exactly_one_line_each(make_proxy):
     # refused by the proxy's own rules
     assert proxy.request("CONNECT", "x:443", headers={"X-Request-Id": "f-405"})[0].status == 405
     expect.append(("f-405", {"status": "405"}))
-    big = raw_request(
+    big = raw_exchange(
         port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nX-Request-Id: f-413\r\n\r\n" + b"x" * 5000
     )
     assert big.startswith(b"HTTP/1.1 413")
     expect.append(("f-413", {"status": "413"}))
     # a malformed chunked body: the app's 400
-    bad_chunk = raw_request(
+    bad_chunk = raw_exchange(
         port,
         b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nX-Request-Id: f-chunk\r\n\r\n"
         b"zz\r\nab\r\n0\r\n\r\n",
@@ -319,9 +304,9 @@ def test_failed_requests_get_exactly_one_line_each(make_proxy):
         "bad-version": (b"GET /ver HTTP/9.9\r\nHost: x\r\n\r\n", "400"),
     }
     for data, status in rejected.values():
-        assert raw_request(port, data).startswith(b"HTTP/1.1 " + status.encode())
+        assert raw_exchange(port, data).startswith(b"HTTP/1.1 " + status.encode())
     # ... also as the second request of a kept-alive connection
-    keepalive = raw_request(
+    keepalive = raw_exchange(
         port,
         b"GET /first HTTP/1.1\r\nHost: x\r\nX-Request-Id: f-first\r\n\r\nGET /second HTTP/1.1\r\nBad Name: v\r\n\r\n",
     )
@@ -376,9 +361,9 @@ def test_hostile_values_cannot_break_a_line_or_forge_a_field(make_proxy, fmt):
         b"GET " + HOSTILE_TARGET + b" HTTP/1.1\r\nHost: h\xffst\r\nUser-Agent: " + HOSTILE_UA + b"\r\n"
         b"Referer: " + HOSTILE_REFERER + b'\r\nX-Request-Id: id"\t\xfe\r\nConnection: close\r\n\r\n'
     )
-    assert raw_request(proxy.port, head).startswith(b"HTTP/1.1 200")
+    assert raw_exchange(proxy.port, head).startswith(b"HTTP/1.1 200")
     # and one Gunicorn rejects, whose error message carries the bytes too
-    raw_request(proxy.port, b'GET /x HTTP/1.1\r\nHost: x\r\nX-Bad\xff\t"name: v\r\n\r\n')
+    raw_exchange(proxy.port, b'GET /x HTTP/1.1\r\nHost: x\r\nX-Bad\xff\t"name: v\r\n\r\n')
     records = wait_records(lambda: access_records(proxy, fmt), 2)
     assert len(proxy.access_log().splitlines()) == 2
     record = records[0]
@@ -421,7 +406,7 @@ def test_access_log_off_writes_no_access_lines(make_proxy):
     proxy = make_proxy(env={"PROXY_ACCESS_LOG": "off"})
     for i in range(5):
         assert proxy.request("GET", f"/off/{i}")[0].status == 200
-    assert raw_request(proxy.port, b"GET /a b HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert raw_exchange(proxy.port, b"GET /a b HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
     time.sleep(0.5)
     assert proxy.access_log() == ""
     assert any(e["logger"] == "gunicorn.error" for e in error_records(proxy))
@@ -463,7 +448,7 @@ def factory(app):
 def test_gunicorn_and_proxy_errors_are_structured(make_proxy, fmt):
     proxy = make_proxy(env={"PROXY_LOG_FORMAT": fmt}, config='middleware = "mw:factory"\n', files={"mw.py": MIDDLEWARE})
     assert proxy.request("GET", "/raise")[0].status == 500
-    assert raw_request(proxy.port, b"GET /a b HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert raw_exchange(proxy.port, b"GET /a b HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
     wait_for(lambda: "boom from middleware" in proxy.error_log(), what="the middleware's error")
     records = error_records(proxy, fmt)
     assert len(records) == len(proxy.error_log().splitlines())

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import free_port, wait_for
 from origin import Origin, pattern_bytes
 
 IMAGE = os.environ.get("PROXY_IMAGE", "")
@@ -44,22 +45,6 @@ def podman(*args: str, timeout: float = 60, check: bool = True) -> subprocess.Co
     if check and result.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
     return result
-
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_80_free() -> bool:
