@@ -479,6 +479,16 @@ def test_tunnel_open_at_sigterm_keeps_working_until_it_ends(make_proxy, ws_origi
     assert line["time_taken_s"] >= 4
 
 
+def _seconds_until_cut(ws, signalled: float) -> float:
+    """Keep talking on a tunnel until the proxy cuts it; seconds since ``signalled``."""
+    with pytest.raises(ConnectionClosed):
+        while time.monotonic() - signalled < 20:
+            ws.send("anyone?")
+            ws.recv(timeout=10)
+            time.sleep(0.25)
+    return time.monotonic() - signalled
+
+
 def test_tunnel_is_cut_when_the_graceful_timeout_runs_out(make_proxy, ws_origin):
     proxy = make_proxy(origin_server=ws_origin, env={"GUNICORN_CMD_ARGS": "--graceful-timeout 3"})
     with ws_connect(proxy, "/echo") as ws:
@@ -487,12 +497,7 @@ def test_tunnel_is_cut_when_the_graceful_timeout_runs_out(make_proxy, ws_origin)
         proxy.signal(signal.SIGTERM)
         signalled = time.monotonic()
         assert _chat(ws, 1.5) >= 3
-        with pytest.raises(ConnectionClosed):
-            while time.monotonic() - signalled < 20:
-                ws.send("anyone?")
-                ws.recv(timeout=10)
-                time.sleep(0.25)
-        cut_after = time.monotonic() - signalled
+        cut_after = _seconds_until_cut(ws, signalled)
     # The worker cuts one second before the 3 s deadline, so that the tunnel
     # ends through its own cleanup rather than the master's SIGKILL.
     assert 1.5 <= cut_after < 10, cut_after
@@ -629,12 +634,7 @@ def test_tunnel_cut_at_shutdown_still_writes_its_access_line(make_proxy, ws_orig
         assert ws.recv(timeout=10) == "before"
         proxy.signal(signal.SIGTERM)
         signalled = time.monotonic()
-        with pytest.raises(ConnectionClosed):
-            while time.monotonic() - signalled < 20:
-                ws.send("anyone?")
-                ws.recv(timeout=10)
-                time.sleep(0.25)
-        cut_after = time.monotonic() - signalled
+        cut_after = _seconds_until_cut(ws, signalled)
     assert 2 <= cut_after < 4, cut_after
     assert proxy.process.wait(20) == 0
     line = access_line(proxy, request_id)
