@@ -22,54 +22,29 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.response import BaseHTTPResponse
-
 from . import config as config_module
 from . import settings as settings_module
 from .config import HEALTHZ_PATH, ProxyConfig
 from .extension import ExtensionError, WSGIApp, wrap
-from .headers import HeaderList, checked_response_headers, upstream_request_headers
+from .headers import downstream_response_headers, upstream_request_headers
 from .logs import access_log, access_logged, error_log, iso_time
 from .tunnel import ALREADY_HANDLED, is_upgrade, tunnel
-from .upstream import BLOCK_SIZE, ClientBodyError, RequestBody, Upstream, UpstreamError, upstream_target
+from .upstream import (
+    BLOCK_SIZE,
+    BodyTooLarge,
+    ClientBodyError,
+    RequestBody,
+    Response,
+    ResponseError,
+    Upstream,
+    UpstreamError,
+    request_body,
+    upstream_target,
+)
 
 StartResponse = Callable[..., Callable[[bytes], object]]
 
 _REASONS = {code: http.client.responses.get(code, "") for code in range(100, 600)}
-
-
-class BodyTooLarge(Exception):
-    """The client's body passed ``upstream.max_body_bytes``."""
-
-
-class LimitedBody(RequestBody):
-    """A chunked request body that stops at the configured limit."""
-
-    __slots__ = ("_limit",)
-
-    def __init__(self, wsgi_input, limit: int) -> None:
-        super().__init__(wsgi_input, None)
-        self._limit = limit
-
-    def __iter__(self) -> Iterator[bytes]:
-        # Never ask for more than one byte past the limit: a read blocks until
-        # it has all it asked for, and a client pausing after crossing the
-        # limit must get its 413 now, not when it sends more.
-        self.started = True
-        read = self._input.read
-        limit = self._limit
-        while True:
-            try:
-                chunk = read(min(BLOCK_SIZE, limit - self.bytes_read + 1))
-            except Exception as exc:
-                raise ClientBodyError(f"reading the request body failed: {exc!r}") from exc
-            if not chunk:
-                return
-            self.bytes_read += len(chunk)
-            if self.bytes_read > limit:
-                raise BodyTooLarge()
-            yield chunk
 
 
 class Exchange:
@@ -394,56 +369,50 @@ class Proxy:
             return tunnel(self, environ, start_response, exchange)
         headers = upstream_request_headers(environ, exchange.request_id)
         if config.request_headers:
-            headers = HeaderList(config.request_headers.apply(headers))
-        body, chunked = self._request_body(environ)
+            headers = config.request_headers.apply(headers)
+        body, chunked = request_body(environ, config.max_body_bytes)
         exchange.request_body = body
         try:
             response, timing = self.upstream.send(
                 environ["REQUEST_METHOD"], upstream_target(environ["RAW_URI"]), headers, body, chunked
             )
-        except BodyTooLarge:
-            return self.too_large(environ, start_response)
-        except ClientBodyError as exc:
-            exchange.outcome = "client_error"
-            error_log.warning(
-                "%s %s -> 400: %s",
-                environ["REQUEST_METHOD"],
-                environ["RAW_URI"],
-                exc,
-                extra={"request_id": exchange.request_id},
-            )
-            return respond(start_response, 400, close=True)
+        except (BodyTooLarge, ClientBodyError) as exc:
+            return self.body_failed(environ, start_response, exc)
         except UpstreamError as exc:
             return self.upstream_failed(environ, start_response, exc)
         exchange.connect_s = timing.connect_s
         exchange.first_byte_s = timing.first_byte_s
-        status = exchange.upstream_status = response.status
-        if status in config.error_pages:
-            _discard(response)
-            exchange.upstream_end = time.perf_counter()
-            return self.error_page(start_response, status, response.headers.get("Retry-After"))
-        try:
-            out = checked_response_headers(response.headers.items(), response.headers.get("Connection"))
-            if config.response_headers:
-                out = config.response_headers.apply(out)
-            start_response(f"{status} {response.reason or _REASONS.get(status, '')}", out)
-        except (ValueError, TypeError) as exc:
-            _discard(response)
-            return self.upstream_failed(
-                environ, start_response, UpstreamError(502, f"unusable response head from next-hop: {exc}")
-            )
-        return _relay(response, exchange, environ)
+        return self.answer(environ, start_response, response)
 
-    def _request_body(self, environ: dict) -> tuple[RequestBody | None, bool]:
-        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-            limit = self.config.max_body_bytes
-            if limit is None:
-                return RequestBody(environ["wsgi.input"], None), True
-            return LimitedBody(environ["wsgi.input"], limit), True
-        length = environ.get("CONTENT_LENGTH")
-        if length and length != "0":
-            return RequestBody(environ["wsgi.input"], int(length)), False
-        return None, False
+    def answer(self, environ: dict, start_response: StartResponse, response: Response) -> Iterable[bytes]:
+        """Relay next-hop's answer, or the configured error page in its place."""
+        exchange: Exchange = environ["proxy.exchange"]
+        head = response.head
+        status = exchange.upstream_status = head.status
+        if status in self.config.error_pages:
+            response.release()
+            exchange.upstream_end = time.perf_counter()
+            return self.error_page(start_response, status, head.header("Retry-After"))
+        out = downstream_response_headers(head.headers, head.connection)
+        if self.config.response_headers:
+            out = self.config.response_headers.apply(out)
+        start_response(f"{status} {head.reason or _REASONS.get(status, '')}", out)
+        return _Relay(response, exchange, environ)
+
+    def body_failed(self, environ: dict, start_response: StartResponse, exc: Exception) -> list[bytes]:
+        """The client's body could not be forwarded: 413 past the limit, else 400."""
+        if isinstance(exc, BodyTooLarge):
+            return self.too_large(environ, start_response)
+        exchange: Exchange = environ["proxy.exchange"]
+        exchange.outcome = "client_error"
+        error_log.warning(
+            "%s %s -> 400: %s",
+            environ["REQUEST_METHOD"],
+            environ["RAW_URI"],
+            exc,
+            extra={"request_id": exchange.request_id},
+        )
+        return respond(start_response, 400, close=True)
 
     def upstream_failed(self, environ: dict, start_response: StartResponse, exc: UpstreamError) -> list[bytes]:
         exchange: Exchange = environ["proxy.exchange"]
@@ -467,55 +436,47 @@ class Proxy:
         return respond(start_response, status, page.body, headers, page.content_type)
 
 
-def _discard(response: BaseHTTPResponse) -> None:
-    """Drop an upstream response we will not relay, and its connection."""
-    response.close()
-    response.release_conn()
-
-
-def _relay(response: BaseHTTPResponse, exchange: Exchange, environ: dict) -> Iterator[bytes]:
-    """Stream next-hop's body to the client as it arrives.
+class _Relay:
+    """Streams next-hop's body to the client as it arrives.
 
     If next-hop fails mid-body the client connection is shut down, so the
     client sees a truncated transfer, never a short body passed off as
-    complete. A half-read upstream connection is closed, not pooled.
+    complete. ``close`` releases the upstream connection (pooled only if the
+    body was read to its exact end), even if the body was never iterated.
     """
-    if response.status in (204, 304) or environ["REQUEST_METHOD"] == "HEAD":
-        # No body, whatever the head says. A body next-hop sends anyway may
-        # arrive after the connection went back to the pool, and would be
-        # read as the answer to the next request on it: close it instead.
-        exchange.upstream_end = time.perf_counter()
-        response.close()
-        response.release_conn()
-        return
-    read1 = response.read1
-    complete = False
-    try:
-        while True:
-            chunk = read1(BLOCK_SIZE, decode_content=False)
-            if not chunk:
-                break
-            yield chunk
-        complete = True
-    except (Urllib3Error, http.client.HTTPException, OSError) as exc:
-        exchange.outcome = "upstream_error"
-        error_log.error(
-            "%s %s: next-hop failed mid-response after %d body bytes, closing client connection: %r",
-            environ["REQUEST_METHOD"],
-            environ["RAW_URI"],
-            exchange.body_bytes,
-            exc,
-            extra={"request_id": exchange.request_id},
-        )
+
+    __slots__ = ("_response", "_exchange", "_environ")
+
+    def __init__(self, response: Response, exchange: Exchange, environ: dict) -> None:
+        self._response = response
+        self._exchange = exchange
+        self._environ = environ
+
+    def __iter__(self) -> Iterator[bytes]:
+        read1 = self._response.read1
         try:
-            environ["gunicorn.socket"].shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    finally:
-        exchange.upstream_end = time.perf_counter()
-        if not complete:
-            response.close()
-        response.release_conn()
+            while chunk := read1(BLOCK_SIZE):
+                yield chunk
+        except (ResponseError, OSError) as exc:
+            exchange = self._exchange
+            environ = self._environ
+            exchange.outcome = "upstream_error"
+            error_log.error(
+                "%s %s: next-hop failed mid-response after %d body bytes, closing client connection: %r",
+                environ["REQUEST_METHOD"],
+                environ["RAW_URI"],
+                exchange.body_bytes,
+                exc,
+                extra={"request_id": exchange.request_id},
+            )
+            try:
+                environ["gunicorn.socket"].shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._exchange.upstream_end = time.perf_counter()
+        self._response.release()
 
 
 def create_app() -> Proxy:

@@ -7,8 +7,7 @@ Everything else passes in order with every repeated value kept.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 HOP_BY_HOP = frozenset(
@@ -41,27 +40,6 @@ _NEVER_CONNECTION_OPTIONS = frozenset({"host", "x-forwarded-for", "x-forwarded-p
 Header = tuple[str, str]
 
 
-class HeaderList(list):
-    """An ordered list of ``(name, value)`` pairs that urllib3 accepts as headers.
-
-    urllib3 iterates a headers mapping's names, calls ``items()``, and merges
-    its (empty) proxy headers with ``copy()`` and ``update()``; a list keeps
-    repeated fields and their order, which a dict cannot.
-    """
-
-    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
-        return (name for name, _ in list.__iter__(self))
-
-    def items(self) -> Iterator[Header]:
-        return list.__iter__(self)
-
-    def copy(self) -> HeaderList:
-        return HeaderList(list.__iter__(self))
-
-    def update(self, other: Mapping[str, str]) -> None:
-        self.extend(other.items())
-
-
 @dataclass(frozen=True)
 class HeaderRules:
     """User edits applied to one direction: remove, then set, then append."""
@@ -83,9 +61,7 @@ class HeaderRules:
         if not self:
             return headers
         replaced = self._replaced
-        # A HeaderList iterates over names only (for urllib3); pairs come from items().
-        pairs = headers.items() if isinstance(headers, HeaderList) else headers
-        out = [h for h in pairs if h[0].lower() not in replaced]
+        out = [h for h in headers if h[0].lower() not in replaced]
         out.extend(self.set)
         out.extend(self.append)
         return out
@@ -115,7 +91,7 @@ def upstream_request_headers(
     environ: Mapping[str, object],
     request_id: str,
     keep_upgrade: bool = False,
-) -> HeaderList:
+) -> list[Header]:
     """Headers for next-hop, built from the WSGI environ.
 
     Built from the environ (not the raw request) so that user middleware can
@@ -128,7 +104,7 @@ def upstream_request_headers(
         # Upgrade goes on; the client's Connection does not (its other
         # options are hop-by-hop): exactly one ``Connection: Upgrade`` below.
         drop = drop - {"upgrade"}
-    out = HeaderList()
+    out: list[Header] = []
     xff = None
     has_request_id = False
     for key, value in environ.items():
@@ -163,50 +139,3 @@ def downstream_response_headers(headers: Iterable[Header], connection: str | Non
     """Headers for the client: the origin's, minus hop-by-hop ones."""
     drop = HOP_BY_HOP | connection_tokens(connection)
     return [(name, value) for name, value in headers if name.lower() not in drop]
-
-
-#: RFC 9110 sections 5.1 and 5.5: a field name is a token, and a value holds
-#: no control character other than HTAB.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-def checked_response_headers(headers: Iterable[Header], connection: str | None) -> list[Header]:
-    """``downstream_response_headers`` for an answer whose framing must be
-    unambiguous before the client gets it (RFC 9112 section 6.3).
-
-    Raises ValueError (the client gets a 502) for a Transfer-Encoding other
-    than a lone ``chunked``, Transfer-Encoding together with Content-Length,
-    a Content-Length that is not one decimal number (``5, 7``, ``-5``,
-    ``5x``), or a field the client could not parse. A repeated identical
-    Content-Length (``5, 5``) goes on as one field.
-    """
-    pairs = list(headers)
-    length = None
-    codings: list[str] = []
-    for name, value in pairs:
-        if not _TOKEN.fullmatch(name) or _CONTROL.search(value):
-            raise ValueError(f"invalid response field {name!r}")
-        lower = name.lower()
-        if lower == "content-length":
-            for part in value.split(","):
-                part = part.strip(" \t")
-                if not (part.isascii() and part.isdigit()) or (length is not None and int(part) != length):
-                    raise ValueError(f"invalid Content-Length {value!r}")
-                length = int(part)
-        elif lower == "transfer-encoding":
-            codings.extend(coding.strip(" \t").lower() for coding in value.split(","))
-    if codings and (codings != ["chunked"] or length is not None):
-        raise ValueError(f"ambiguous framing: Transfer-Encoding {codings}, Content-Length {length}")
-    out = downstream_response_headers(pairs, connection)
-    if length is None:
-        return out
-    first = True
-    single = []
-    for name, value in out:
-        if name.lower() == "content-length":
-            if not first:
-                continue
-            first, value = False, str(length)
-        single.append((name, value))
-    return single

@@ -24,34 +24,34 @@ Life of a tunnel:
 
 from __future__ import annotations
 
-import http.client
-import re
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import gevent
 from gunicorn.workers.base_async import ALREADY_HANDLED
 
-from .headers import (
-    HeaderList,
-    checked_response_headers,
-    connection_tokens,
-    downstream_response_headers,
-    upstream_request_headers,
-)
+from .headers import Header, connection_tokens, downstream_response_headers, upstream_request_headers
 from .logs import error_log
-from .upstream import BLOCK_SIZE, UpstreamError, upstream_target
+from .upstream import (
+    BLOCK_SIZE,
+    BodyTooLarge,
+    ClientBodyError,
+    Response,
+    ResponseError,
+    UpstreamError,
+    read_response,
+    request_body,
+    request_head,
+    send_body,
+    upstream_target,
+)
 
 if TYPE_CHECKING:
     from .app import Exchange, Proxy, StartResponse
 
 __all__ = ["ALREADY_HANDLED", "is_upgrade", "tunnel"]
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FOLD = re.compile(r"\r?\n[ \t]*")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def is_upgrade(environ: dict) -> bool:
@@ -69,28 +69,15 @@ def is_upgrade(environ: dict) -> bool:
     )
 
 
-class _Unbuffered:
-    """Makes http.client read the response head byte by byte, so that no
-    tunnel byte sent right after the 101 is left in a read buffer."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def makefile(self, mode: str):
-        return self._sock.makefile(mode, buffering=0)
-
-
-def _upgrade_headers(environ: dict, request_id: str, proxy: Proxy, chunked: bool) -> HeaderList:
+def _upgrade_headers(environ: dict, request_id: str, proxy: Proxy) -> list[Header]:
     """The client's headers for next-hop, keeping Upgrade and exactly one
     ``Connection: Upgrade`` (the client's own Connection header may list
     other hop-by-hop tokens, such as keep-alive, that must not go on)."""
     headers = upstream_request_headers(environ, request_id, keep_upgrade=True)
-    headers = HeaderList((name, value) for name, value in headers.items() if name.lower() != "connection")
+    headers = [(name, value) for name, value in headers if name.lower() != "connection"]
     headers.append(("Connection", "Upgrade"))
-    if chunked:
-        headers.append(("Transfer-Encoding", "chunked"))
     if proxy.config.request_headers:
-        headers = HeaderList(proxy.config.request_headers.apply(headers))
+        headers = proxy.config.request_headers.apply(headers)
     return headers
 
 
@@ -102,51 +89,17 @@ def _client_unreader(environ: dict):
     return unreader if callable(getattr(unreader, "take_buffered", None)) else None
 
 
-def _send_body(environ: dict, server: socket.socket, chunked: bool) -> None:
-    body = environ["wsgi.input"]
-    if chunked:
-        while chunk := body.read(BLOCK_SIZE):
-            server.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        server.sendall(b"0\r\n\r\n")
-        return
-    length = int(environ.get("CONTENT_LENGTH") or 0)
-    while length > 0:
-        chunk = body.read(min(BLOCK_SIZE, length))
-        if not chunk:
-            break
-        length -= len(chunk)
-        server.sendall(chunk)
-
-
-def _read_response(server: socket.socket, method: str) -> http.client.HTTPResponse:
-    """The final answer's head (interim 1xx answers other than 101 skipped)."""
-    while True:
-        response = http.client.HTTPResponse(_Unbuffered(server), method=method)  # type: ignore[arg-type]
-        response.begin()
-        if response.status == 101 or not 100 <= response.status < 200:
-            return response
-        response.close()
-
-
-def _clean_101_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Header lines safe to write raw: valid names, unfolded values."""
-    out = []
-    for name, value in headers:
-        value = _FOLD.sub(" ", value).strip(" \t")
-        if _TOKEN.fullmatch(name) and not _BAD_VALUE.search(value):
-            out.append((name, value))
-    return out
-
-
 def tunnel(proxy: Proxy, environ: dict, start_response: StartResponse, exchange: Exchange) -> Iterable[bytes]:
     """Forward an upgrade request; on 101, splice the two sockets together."""
     upstream = proxy.upstream
     method = environ["REQUEST_METHOD"]
-    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-    headers = _upgrade_headers(environ, exchange.request_id, proxy, chunked)
-    head = [f"{method} {upstream_target(environ['RAW_URI'])} HTTP/1.1\r\n"]
-    head.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-    head.append("\r\n")
+    body, chunked = request_body(environ, proxy.config.max_body_bytes)
+    exchange.request_body = body
+    try:
+        headers = _upgrade_headers(environ, exchange.request_id, proxy)
+        head = request_head(method, upstream_target(environ["RAW_URI"]), headers, chunked)
+    except UpstreamError as exc:
+        return proxy.upstream_failed(environ, start_response, exc)
     started = time.perf_counter()
     # A dedicated connection: never taken from, nor returned to, the pool.
     try:
@@ -163,114 +116,55 @@ def tunnel(proxy: Proxy, environ: dict, start_response: StartResponse, exchange:
     try:
         server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         server.settimeout(upstream.read_timeout)
-        server.sendall("".join(head).encode("latin-1"))
-        _send_body(environ, server, chunked)
-        response = _read_response(server, method)
+        server.sendall(head)
+        if body is not None:
+            send_body(server, body, chunked)
+        response = read_response(server, method, upgrade=True)
     except TimeoutError:
         server.close()
         return proxy.upstream_failed(
             environ, start_response, UpstreamError(504, "next-hop did not answer the upgrade in time")
         )
-    except (OSError, http.client.HTTPException) as exc:
+    except (ClientBodyError, BodyTooLarge) as exc:
+        server.close()
+        return proxy.body_failed(environ, start_response, exc)
+    except (OSError, ResponseError) as exc:
         server.close()
         return proxy.upstream_failed(
             environ, start_response, UpstreamError(502, f"upgrade to next-hop failed: {exc!r}")
         )
+    except BaseException:
+        server.close()
+        raise
     exchange.first_byte_s = time.perf_counter() - started
-    exchange.upstream_status = response.status
     if response.status != 101:
-        return _refused(proxy, environ, start_response, exchange, response, server)
-    headers_out = downstream_response_headers(response.getheaders(), response.getheader("Connection"))
+        # Declined: an ordinary answer; releasing it closes the connection.
+        return proxy.answer(environ, start_response, response)
+    exchange.upstream_status = 101
+    headers_out = downstream_response_headers(response.head.headers, response.head.connection)
     if proxy.config.response_headers:
         headers_out = proxy.config.response_headers.apply(headers_out)
-    # The head was read unbuffered: nothing of the tunnel is in this file.
-    response.close()
-    return _run_tunnel(proxy, environ, exchange, response, server, headers_out)
-
-
-def _refused(
-    proxy: Proxy,
-    environ: dict,
-    start_response: StartResponse,
-    exchange: Exchange,
-    response: http.client.HTTPResponse,
-    server: socket.socket,
-) -> Iterable[bytes]:
-    """next-hop declined the upgrade: relay its answer as an ordinary response
-    (framing checked as for any response: ambiguous framing is a 502)."""
-    # The head was read byte by byte; the body can be read buffered.
-    unbuffered, response.fp = response.fp, server.makefile("rb")
-    unbuffered.close()
-    status = response.status
-    if status in proxy.config.error_pages:
-        response.close()
-        server.close()
-        exchange.upstream_end = time.perf_counter()
-        return proxy.error_page(start_response, status, response.getheader("Retry-After"))
-    try:
-        headers_out = checked_response_headers(response.getheaders(), response.getheader("Connection"))
-        if proxy.config.response_headers:
-            headers_out = proxy.config.response_headers.apply(headers_out)
-        start_response(f"{status} {response.reason or http.client.responses.get(status, '')}", headers_out)
-    except (ValueError, TypeError) as exc:
-        response.close()
-        server.close()
-        return proxy.upstream_failed(
-            environ, start_response, UpstreamError(502, f"unusable response head from next-hop: {exc}")
-        )
-    return _RefusalBody(response, server, exchange, environ)
-
-
-class _RefusalBody:
-    """The body of a refused upgrade; closes the dedicated connection when
-    done (a class, not a generator, so close() works even if never iterated)."""
-
-    def __init__(
-        self, response: http.client.HTTPResponse, server: socket.socket, exchange: Exchange, environ: dict
-    ) -> None:
-        self._response = response
-        self._server = server
-        self._exchange = exchange
-        self._environ = environ
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            while chunk := self._response.read1(BLOCK_SIZE):
-                yield chunk
-        except (OSError, http.client.HTTPException) as exc:
-            self._exchange.outcome = "upstream_error"
-            error_log.error(
-                "%s %s: next-hop failed mid-response to a refused upgrade, closing client connection: %r",
-                self._environ["REQUEST_METHOD"],
-                self._environ["RAW_URI"],
-                exc,
-                extra={"request_id": self._exchange.request_id},
-            )
-            try:
-                self._environ["gunicorn.socket"].shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self._exchange.upstream_end = time.perf_counter()
-        self._response.close()
-        self._server.close()
+    return _run_tunnel(proxy, environ, exchange, response, headers_out)
 
 
 def _run_tunnel(
     proxy: Proxy,
     environ: dict,
     exchange: Exchange,
-    response: http.client.HTTPResponse,
-    server: socket.socket,
-    headers_out: list[tuple[str, str]],
+    response: Response,
+    headers_out: list[Header],
 ) -> object:
     """Send the 101 to the client, then splice until the tunnel ends."""
     client: socket.socket = environ["gunicorn.socket"]
-    upgrade = response.getheader("Upgrade") or environ["HTTP_UPGRADE"]
-    reason = response.reason if response.reason and not _BAD_VALUE.search(response.reason) else "Switching Protocols"
-    head = [f"HTTP/1.1 101 {reason}\r\n", "Connection: Upgrade\r\n", f"Upgrade: {_FOLD.sub(' ', upgrade)}\r\n"]
-    head.extend(f"{name}: {value}\r\n" for name, value in _clean_101_headers(headers_out))
+    server = response.sock
+    # parse_head let no control character or line break into these.
+    upgrade = response.head.header("Upgrade") or environ["HTTP_UPGRADE"]
+    head = [
+        f"HTTP/1.1 101 {response.head.reason or 'Switching Protocols'}\r\n",
+        "Connection: Upgrade\r\n",
+        f"Upgrade: {upgrade}\r\n",
+    ]
+    head.extend(f"{name}: {value}\r\n" for name, value in headers_out)
     head.append("\r\n")
     head_bytes = "".join(head).encode("latin-1", "replace")
     exchange.status = 101
@@ -280,7 +174,10 @@ def _run_tunnel(
     try:
         server.settimeout(None)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.sendall(head_bytes)
+        # The tunnel's first bytes from next-hop may have arrived with the 101.
+        first = response.buffered()
+        client.sendall(head_bytes + first)
+        counts[1] += len(first)
         # Whatever the client pipelined behind the request belongs to the
         # new protocol; it sits in Gunicorn's read buffer, not the socket.
         unreader = _client_unreader(environ)

@@ -20,13 +20,12 @@ from raw_origin import RawOrigin, split_responses
 
 from proxy.headers import (
     HOP_BY_HOP,
-    HeaderList,
     HeaderRules,
-    checked_response_headers,
     connection_tokens,
     downstream_response_headers,
     upstream_request_headers,
 )
+from proxy.upstream import ResponseError, parse_head
 
 PROPERTIES = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -64,11 +63,10 @@ headers = st.lists(st.tuples(names.flatmap(mixed_case), values), max_size=12)
     st.frozensets(names.flatmap(mixed_case), max_size=4),
     st.lists(st.tuples(names, values), max_size=3),
     st.lists(st.tuples(names, values), max_size=3),
-    st.booleans(),
 )
-def test_rules_remove_then_set_then_append(pairs, remove, set_, append, as_header_list):
+def test_rules_remove_then_set_then_append(pairs, remove, set_, append):
     rules = HeaderRules(remove=remove, set=tuple(set_), append=tuple(append))
-    given_headers = HeaderList(pairs) if as_header_list else list(pairs)
+    given_headers = list(pairs)
     out = rules.apply(given_headers)
     if not rules:
         assert out is given_headers
@@ -119,7 +117,7 @@ NEVER_CONNECTION_OPTIONS = {"host", "x-forwarded-for", "x-forwarded-proto", "tru
 ).via("finding: a middleware's HTTP_CONTENT_LENGTH went out as a second Content-Length")
 def test_upstream_request_headers(env, keep_upgrade):
     out = upstream_request_headers(env, "generated-id", keep_upgrade=keep_upgrade)
-    lowered = [n.lower() for n, _ in out.items()]
+    lowered = [n.lower() for n, _ in out]
     # Content-Length and -Type describe the body this hop sends: never removed.
     options = (
         connection_tokens(env.get("HTTP_CONNECTION")) - NEVER_CONNECTION_OPTIONS - {"content-length", "content-type"}
@@ -131,26 +129,26 @@ def test_upstream_request_headers(env, keep_upgrade):
         if not (name == "x-request-id" and client_id is None):  # the generated one
             assert name not in options - allowed_hop, name
     if keep_upgrade:
-        assert [v for n, v in out.items() if n.lower() == "connection"] == ["Upgrade"]
+        assert [v for n, v in out if n.lower() == "connection"] == ["Upgrade"]
     # framing: at most one Content-Length, canonical, and only from CONTENT_LENGTH
-    lengths = [v for n, v in out.items() if n.lower() == "content-length"]
+    lengths = [v for n, v in out if n.lower() == "content-length"]
     if "CONTENT_LENGTH" in env:
         assert lengths == [str(int(env["CONTENT_LENGTH"]))]
     else:
         assert lengths == []
-    types = [v for n, v in out.items() if n.lower() == "content-type"]
+    types = [v for n, v in out if n.lower() == "content-type"]
     assert types == ([env["CONTENT_TYPE"]] if "CONTENT_TYPE" in env else [])
     # exactly one X-Forwarded-For, the client's chain plus the peer
-    xff = [v for n, v in out.items() if n.lower() == "x-forwarded-for"]
+    xff = [v for n, v in out if n.lower() == "x-forwarded-for"]
     chain = env.get("HTTP_X_FORWARDED_FOR")
     assert xff == [f"{chain}, {env['REMOTE_ADDR']}" if chain else env["REMOTE_ADDR"]]
     # exactly one X-Request-Id: the client's, or the generated one
-    ids = [v for n, v in out.items() if n.lower() == "x-request-id"]
+    ids = [v for n, v in out if n.lower() == "x-request-id"]
     assert ids == ([client_id] if client_id is not None else ["generated-id"])
     # the platform headers survive any Connection header
     for name in ("Host", "X-Forwarded-Proto", "True-Client-IP"):
         if environ_key(name) in env:
-            assert (name.lower(), env[environ_key(name)]) in [(n.lower(), v) for n, v in out.items()]
+            assert (name.lower(), env[environ_key(name)]) in [(n.lower(), v) for n, v in out]
     # every other field passes once, unchanged, in order
     dropped = (HOP_BY_HOP | {"expect", "content-length", "content-type", "x-forwarded-for"} | options) - (
         {"upgrade"} if keep_upgrade else set()
@@ -162,7 +160,7 @@ def test_upstream_request_headers(env, keep_upgrade):
     ]
     passed = [
         (n.lower(), v)
-        for n, v in out.items()
+        for n, v in out
         if n.lower() not in {"content-length", "content-type", "x-forwarded-for"}
         and not (n.lower() == "x-request-id" and client_id is None)
         and not (keep_upgrade and n.lower() == "connection")
@@ -185,6 +183,7 @@ framing_values = st.one_of(
     st.from_regex(r"[0-9]{1,4}", fullmatch=True),
     st.sampled_from(["5, 5", "5,5", " 5 ", "-5", "+5", "0x5", "5x", "", "5, 7", "chunked", "gzip, chunked"]),
 )
+latin_1 = st.characters(max_codepoint=255)
 response_headers = st.lists(
     st.one_of(
         st.tuples(
@@ -192,29 +191,34 @@ response_headers = st.lists(
             framing_values,
         ),
         st.tuples(names.flatmap(mixed_case), values),
-        st.tuples(st.text(min_size=1, max_size=5), st.text(max_size=5)),  # anything at all
+        st.tuples(st.text(latin_1, min_size=1, max_size=5), st.text(latin_1, max_size=5)),  # anything at all
     ),
     max_size=10,
 )
 
 
+def _invalid_field(name: str, value: str) -> bool:
+    return (
+        not name or any(c not in TOKEN_CHARS for c in name) or any(c < " " and c != "\t" or c == "\x7f" for c in value)
+    )
+
+
 @PROPERTIES
-@given(response_headers, st.one_of(st.none(), st.sampled_from(["close", "keep-alive", "X-A, Content-Length"])))
-@example([("Content-Length", "100"), ("Transfer-Encoding", "chunked")], None).via("finding: CL with TE relayed")
-@example([("Content-Length", "-5")], None).via("finding: negative length relayed")
-def test_checked_response_headers_never_pass_ambiguous_framing(pairs, connection):
-    """Either the head is refused (ValueError: the client gets a 502) or what
-    goes to the client has one readable framing and only valid fields."""
+@given(response_headers)
+@example([("Content-Length", "100"), ("Transfer-Encoding", "chunked")]).via("finding: CL with TE relayed")
+@example([("Content-Length", "-5")]).via("finding: negative length relayed")
+@example([("X-A", "a\rSet-Cookie: injected=1")]).via("finding: bare CR split one field in two")
+def test_parse_head_never_passes_ambiguous_framing(pairs):
+    """Either the head is refused (ResponseError: the client gets a 502) or
+    the parsed head has one readable framing and only valid fields."""
+    raw = b"HTTP/1.1 200 OK\r\n" + b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in pairs)
+    invalid_field = any(_invalid_field(n, v) for n, v in pairs)
     try:
-        out = checked_response_headers(pairs, connection)
-    except ValueError:
+        head = parse_head(raw)
+    except ResponseError:
         lengths = [v for n, v in pairs if n.lower() == "content-length"]
         codings = [v for n, v in pairs if n.lower() == "transfer-encoding"]
         parts = {p.strip(" \t") for v in lengths for p in v.split(",")}
-        invalid_field = any(
-            not n or any(c not in TOKEN_CHARS for c in n) or any(ord(c) < 32 and c != "\t" or c == "\x7f" for c in v)
-            for n, v in pairs
-        )
         assert (
             invalid_field
             or len(parts) > 1
@@ -222,17 +226,35 @@ def test_checked_response_headers_never_pass_ambiguous_framing(pairs, connection
             or (codings and ([c.strip(" \t").lower() for v in codings for c in v.split(",")] != ["chunked"] or lengths))
         ), pairs
         return
-    lengths = [v for n, v in out if n.lower() == "content-length"]
+    lengths = [v for n, v in head.headers if n.lower() == "content-length"]
     assert len(lengths) <= 1 and all(v.isdigit() and str(int(v)) == v for v in lengths)
-    assert not any(n.lower() in HOP_BY_HOP for n, _ in out)
-    for name, value in out:
-        assert name and all(c in TOKEN_CHARS for c in name)
-        assert not any(ord(c) < 32 and c != "\t" or c == "\x7f" for c in value)
-    # nothing else is changed or reordered
-    without_length = [(n, v) for n, v in out if n.lower() != "content-length"]
-    assert without_length == [
-        (n, v) for n, v in downstream_response_headers(pairs, connection) if n.lower() != "content-length"
+    assert head.length == (int(lengths[0]) if lengths else None)
+    codings = [
+        c.strip(" \t").lower() for n, v in head.headers if n.lower() == "transfer-encoding" for c in v.split(",")
     ]
+    assert head.chunked == bool(codings) and codings in ([], ["chunked"])
+    assert not (head.chunked and head.length is not None)
+    for name, value in head.headers:
+        assert not _invalid_field(name, value), (name, value)
+    if not invalid_field:  # nothing else is changed or reordered
+        assert [(n, v) for n, v in head.headers if n.lower() != "content-length"] == [
+            (n, v.strip(" \t")) for n, v in pairs if n.lower() != "content-length"
+        ]
+
+
+@PROPERTIES
+@given(response_headers, st.one_of(st.none(), st.sampled_from(["close", "keep-alive", "X-A, Content-Length"])))
+def test_parsed_heads_reach_the_client_without_hop_by_hop_fields(pairs, connection):
+    raw = b"HTTP/1.1 200 OK\r\n" + b"".join(f"{n}: {v}\r\n".encode("latin-1") for n, v in pairs)
+    if connection is not None:
+        raw += f"Connection: {connection}\r\n".encode()
+    try:
+        head = parse_head(raw)
+    except ResponseError:
+        return
+    out = downstream_response_headers(head.headers, head.connection)
+    assert not any(n.lower() in HOP_BY_HOP | connection_tokens(head.connection) for n, _ in out)
+    assert head.keep_alive == ("close" not in connection_tokens(head.connection))
 
 
 # -- request-target passthrough, through the running proxy ------------------------------
