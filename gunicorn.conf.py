@@ -18,6 +18,7 @@ os.environ["GEVENT_RESOLVER"] = "thread"
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from proxy import balance  # noqa: E402
 from proxy import config as proxy_config  # noqa: E402
 from proxy import settings as proxy_settings  # noqa: E402
 from proxy.logs import error_log, logging_config  # noqa: E402
@@ -44,9 +45,12 @@ http_protocols = "h1"
 http_parser = "python"
 permit_unconventional_http_method = True
 control_socket_disable = True
-# No client may rewrite the WSGI environment through headers.
+# No header rewrites the WSGI environment (REMOTE_ADDR, wsgi.url_scheme):
+# the proxy reads X-Forwarded-* itself. With nothing left to trust a peer
+# for, every peer is "trusted", which spares an address parse per request.
 forwarder_headers = ""
-forwarded_allow_ips = "127.0.0.1,::1"
+secure_scheme_headers = {}
+forwarded_allow_ips = "*"
 limit_request_line = 8190
 limit_request_fields = 100
 limit_request_field_size = 8190
@@ -97,3 +101,12 @@ def on_reload(server) -> None:
         error_log.error("reload: invalid configuration, keeping the previous one: %s", exc)
     else:
         error_log.info("reload: configuration applied from %s", _settings.config_dir)
+
+
+def pre_fork(server, worker) -> None:
+    """A slot in the table that spreads connections over workers (proxy.balance)."""
+    worker.balance_slot = balance.assign(server.WORKERS.values())
+
+
+def child_exit(server, worker) -> None:
+    balance.release(getattr(worker, "balance_slot", None))

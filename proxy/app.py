@@ -15,7 +15,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import logging
-import os
+import random
 import re
 import socket
 import sys
@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 from . import config as config_module
+from . import logs
 from . import settings as settings_module
 from .config import HEALTHZ_PATH, ProxyConfig
 from .extension import ExtensionError, WSGIApp, wrap
@@ -76,7 +77,7 @@ class Exchange:
         self.start_perf = time.perf_counter()
         request_id = environ.get("HTTP_X_REQUEST_ID")
         if not request_id:
-            request_id = os.urandom(16).hex()
+            request_id = f"{random.getrandbits(128):032x}"  # unique, not secret: no system call
             if "HTTP_X_REQUEST_ID" in environ:  # sent empty: forward the id we log instead
                 environ["HTTP_X_REQUEST_ID"] = request_id
         self.request_id = request_id
@@ -151,7 +152,7 @@ class Exchange:
             "upstream_first_byte_s": None if self.first_byte_s is None else round(self.first_byte_s, 6),
             "upstream_total_s": None if end is None else round(end - self.start_perf, 6),
             "request_id": self.request_id,
-            "worker_pid": os.getpid(),
+            "worker_pid": logs.pid,
             "outcome": self.outcome,
             **(
                 {

@@ -41,9 +41,29 @@ error_log = logging.getLogger("proxy")
 access_logged: ContextVar[bool] = ContextVar("proxy_access_logged", default=False)
 
 
+#: This process's id, kept current across fork: os.getpid() is a system
+#: call, and every access record carries the id.
+pid = os.getpid()
+
+
+def _forked() -> None:
+    global pid
+    pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+_second = (-1, "")
+
+
 def iso_time(epoch: float) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-21T05:10:34.123Z``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-21T05:10:34.123Z``
+    (the part up to the second is formatted once a second)."""
+    global _second
+    whole = int(epoch)
+    if _second[0] != whole:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int(epoch % 1 * 1000):03d}Z"
 
 
 def _message(record: logging.LogRecord) -> str:
@@ -64,7 +84,7 @@ class _Timestamped:
             "time": iso_time(record.created),
             "level": record.levelname,
             "logger": record.name,
-            "pid": record.process,
+            "pid": pid,
             "message": _message(record),
         }
         request_id = getattr(record, "request_id", None)
@@ -149,7 +169,6 @@ class SharedStreamHandler(logging.StreamHandler):
         self._lock_pid = 0
 
     def _lock(self) -> int:
-        pid = os.getpid()
         if self._lock_pid != pid:
             if self._lock_fd >= 0:  # inherited from the parent: not ours to lock with
                 os.close(self._lock_fd)
@@ -204,11 +223,13 @@ def logging_config(settings: Settings) -> dict[str, Any]:
     # handler: the error log), in the master and, inherited, in the workers.
     logging.captureWarnings(True)
     # Record attributes no formatter here uses, and which cost per record:
-    # the caller's frame, and the thread name (a dummy thread object per
-    # greenlet under gevent). See "Optimization" in the logging HOWTO.
+    # the caller's frame, the thread name (a dummy thread object per greenlet
+    # under gevent), the process id (a system call; ``pid`` above has it).
+    # See "Optimization" in the logging HOWTO.
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.logProcesses = False
     kind = "Json" if settings.log_format == "json" else "Ltsv"
     if settings.log_target == "file":
         access_handler = {"class": "logging.FileHandler", "filename": str(settings.access_log)}

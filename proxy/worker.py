@@ -17,24 +17,32 @@
 
 from __future__ import annotations
 
+import email.utils
 import socket
 import time
 
 import gevent
+from gevent.server import StreamServer
 from gunicorn.http import wsgi
+from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
+from . import balance
 from .logs import access_logged, capture_stray_output, error_log, log_files_moved
+from .upstream import send_all
 
 #: After shutdown starts, a keep-alive connection idle this long is closed.
 SHUTDOWN_IDLE_GRACE = 1.0
 
 
 class ProxyResponse(wsgi.Response):
-    """Gunicorn's HTTP/1 response, keeping the origin's Server and Date."""
+    """Gunicorn's HTTP/1 response, keeping the origin's Server and Date, and
+    sending the head with the first body bytes."""
 
     origin_server = False
     origin_date = False
+    #: The response head, held back to leave with the first body bytes.
+    _head: bytes | None = None
 
     def process_headers(self, headers: list[tuple[str, str]]) -> None:
         # Gunicorn validates every header, then drops Server and Date as if
@@ -51,57 +59,91 @@ class ProxyResponse(wsgi.Response):
             elif lower == "connection" and value.strip().lower() == "close":
                 self.must_close = True
 
-    #: The response head, held back to leave with the first body bytes.
-    _head: bytes | None = None
-
-    def send_headers(self) -> None:
-        """Send the head with the first body bytes when the length is known:
-        one send (and one TCP segment) instead of two for most responses.
-        Bodies of unknown length (streams, server-sent events) get their
-        head at once, since their first bytes may be a long time coming."""
-        if self.headers_sent or not self.response_length:
-            super().send_headers()
-            return
-        sock, self.sock = self.sock, _HeldWrite()
-        try:
-            super().send_headers()
-        finally:
-            self._head, self.sock = self.sock.data, sock
-
-    def _emit_body(self, data: bytes) -> None:
-        head = self._head
-        if head is None:
-            super()._emit_body(data)
-            return
-        self._head = None
-        self.sock.sendall(head + data)
-
-    def close(self) -> None:
-        if not self.headers_sent:  # no body at all: nothing to wait for
-            super().send_headers()
-        elif self._head is not None:
-            head, self._head = self._head, None
-            self.sock.sendall(head)
-        super().close()
-
     def default_headers(self) -> list[str]:
-        headers = super().default_headers()
-        if self.origin_server or self.origin_date:
-            headers = [
-                h
-                for h in headers
-                if not (self.origin_server and h.startswith("Server: ") or self.origin_date and h.startswith("Date: "))
-            ]
+        if self.upgrade:
+            connection = "upgrade"
+        elif self.should_close():
+            connection = "close"
+        else:
+            connection = "keep-alive"
+        major, minor = self.req.version
+        headers = [f"HTTP/{major}.{minor} {self.status}\r\n"]
+        if not self.origin_server:
+            headers.append(f"Server: {self.version}\r\n")
+        if not self.origin_date:
+            headers.append(f"Date: {_http_date()}\r\n")
+        headers.append(f"Connection: {connection}\r\n")
+        if self.chunked:
+            headers.append("Transfer-Encoding: chunked\r\n")
         return headers
 
+    def send_headers(self) -> None:
+        """Hold the head back when the body's length is known: it leaves with
+        the first body bytes, one send (and one TCP segment) instead of two.
+        Bodies of unknown length (streams, server-sent events) get their
+        head at once, since their first bytes may be a long time coming."""
+        if self.headers_sent:
+            return
+        lines = self.default_headers()
+        lines.extend(f"{name}: {value}\r\n" for name, value in self.headers)
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
+        self.headers_sent = True
+        if self.response_length:
+            self._head = head
+        else:
+            send_all(self.sock, head)
 
-class _HeldWrite:
-    """Stands in for the client socket while Gunicorn writes the head."""
+    def _emit_body(self, data: bytes) -> None:
+        if self.chunked:
+            data = b"%X\r\n%s\r\n" % (len(data), data)
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        send_all(self.sock, data)
 
-    data = b""
+    def close(self) -> None:
+        self.send_headers()
+        head = self._head
+        if head is not None:  # no body after all (HEAD, or the app sent none)
+            self._head = None
+            send_all(self.sock, head)
+        super().close()
 
-    def sendall(self, data: bytes) -> None:
-        self.data += data
+
+_date = (0, "")
+
+
+def _http_date() -> str:
+    """The Date value for answers whose origin sent none, made once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    return _date[1]
+
+
+class BalancedServer(StreamServer):
+    """gevent's accept loop, pausing while this worker holds more than its
+    share of connections (see ``proxy.balance``)."""
+
+    share = balance.Share(None)
+    _paused_since: float | None = None
+
+    def _do_read(self) -> None:
+        if not self.share.over():
+            self._paused_since = None
+        else:
+            now = time.monotonic()
+            if self._paused_since is None:
+                self._paused_since = now
+            if now - self._paused_since < balance.MAX_PAUSE_S:
+                self.stop_accepting()
+                self._timer = self.loop.timer(balance.PAUSE_S)
+                self._timer.start(self._start_accepting_if_started)
+                return
+        super()._do_read()
 
 
 class _IdleWait:
@@ -189,8 +231,10 @@ class ProxyWorker(GeventWorker):
     """Gunicorn's gevent worker, adapted for a reverse proxy (see module doc)."""
 
     def init_process(self) -> None:
-        # Gunicorn builds responses through this module attribute.
+        # Gunicorn builds responses and accept loops through these module attributes.
         wsgi.Response = ProxyResponse
+        ggevent.StreamServer = BalancedServer
+        self.share = BalancedServer.share = balance.Share(getattr(self, "balance_slot", None))
         self.clients: dict[gevent.Greenlet, socket.socket] = {}
         self.idle: dict[gevent.Greenlet, float] = {}
         capture_stray_output()
@@ -209,13 +253,16 @@ class ProxyWorker(GeventWorker):
     def handle(self, listener, client, addr) -> None:
         current = gevent.getcurrent()
         self.clients[current] = client
+        self.share.opened()
         try:
             super().handle(listener, client, addr)
         finally:
+            self.share.closed()
             self.clients.pop(current, None)
             self.idle.pop(current, None)
 
     def handle_request(self, listener_name, req, sock, addr):
+        gevent.sleep(0.000001)
         access_logged.set(False)
         handled = super().handle_request(listener_name, req, sock, addr)
         access_logged.set(False)  # what fails next on this connection is a new request
@@ -248,6 +295,7 @@ class ProxyWorker(GeventWorker):
         through its own cleanup and writes its access line."""
         while self.alive:
             gevent.sleep(0.25)
+        self.share.leave()
         stopping_since = time.monotonic()
         deadline = stopping_since + max(self.cfg.graceful_timeout - 1.0, 0.5)
         while time.monotonic() < deadline:
