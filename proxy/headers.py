@@ -7,6 +7,7 @@ Everything else passes in order with every repeated value kept.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -135,7 +136,13 @@ def upstream_request_headers(
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _not_forwarded_downstream(connection: str | None) -> frozenset[str]:
+    # Origins send the same few Connection values (``keep-alive``): parsed once.
+    return HOP_BY_HOP | connection_tokens(connection)
+
+
 def downstream_response_headers(headers: Iterable[Header], connection: str | None) -> list[Header]:
     """Headers for the client: the origin's, minus hop-by-hop ones."""
-    drop = HOP_BY_HOP | connection_tokens(connection)
+    drop = _not_forwarded_downstream(connection)
     return [(name, value) for name, value in headers if name.lower() not in drop]

@@ -33,6 +33,7 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 from urllib3.util import Timeout
 
 from .headers import Header
+from .sockets import send_all
 
 #: Bytes read from a socket at a time, in both directions.
 BLOCK_SIZE = 64 * 1024
@@ -142,14 +143,6 @@ class RequestBody:
             yield chunk
 
 
-def send_all(sock: socket.socket, data: bytes) -> None:
-    """``sock.sendall(data)``, minus the getsockopt() system call gevent's
-    sendall makes before every write: one send() takes a small write whole."""
-    sent = sock.send(data)
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
-
-
 class BodyTooLarge(Exception):
     """The client's body passed ``upstream.max_body_bytes``."""
 
@@ -215,13 +208,18 @@ def send_body(sock: socket.socket, body: Iterable[bytes], chunked: bool) -> None
 #: The end of a head: a line end, then an empty line (bare LF line ends are
 #: accepted, RFC 9112 section 2.2).
 _HEAD_END = re.compile(rb"\n\r?\n")
-#: A control character other than HTAB and the line ends, or a CR that does
-#: not end a line (RFC 9112 section 2.2, RFC 9110 section 5.5).
-_FORBIDDEN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
-_STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?: (.*))?")
-#: A field line: a token, a colon straight after it, the value without the
-#: whitespace around it.
-_FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*")
+#: A control character other than HTAB, CR and LF (RFC 9110 section 5.5).
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_STATUS_LINE = re.compile(r"HTTP/1\.([0-9]) ([0-9]{3})(?: (.*))?")
+#: Field lines: a token, a colon straight after it, the value (any line end
+#: is CRLF or LF: bare CRs were refused before). ``_FIELD_LINES`` checks the
+#: whole block; ``_FIELD_LINE`` takes each name and value (whitespace before
+#: the value skipped, after it still there).
+_FIELD_LINES = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r?\n)*")
+_FIELD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)\r?\n")
+#: obs-fold: a line end followed by whitespace continues the value (RFC 9112
+#: section 5.2: replaced by a space).
+_OBS_FOLD = re.compile(r"\r?\n[ \t]+")
 
 
 @dataclass(slots=True)
@@ -254,33 +252,31 @@ def parse_head(data: bytes) -> Head:
     other than a lone ``chunked``, Transfer-Encoding with Content-Length, or
     a Content-Length that is not one decimal number (``5, 7``, ``-5``, ``5x``).
     """
-    bad = _FORBIDDEN.search(data)
-    if bad:
+    if _CONTROL.search(data) or data.count(b"\r") != data.count(b"\r\n"):
         raise ResponseError(f"control character or bare CR in the response head: {data[:100]!r}")
-    lines = data.splitlines()
-    status_line = _STATUS_LINE.fullmatch(lines[0]) if lines else None
-    if status_line is None or status_line[2][0] == 48:  # 48: "0", no status below 100
-        raise ResponseError(f"invalid status line: {lines[0][:100] if lines else b''!r}")
-    if len(lines) > MAX_FIELDS + 1:
-        raise ResponseError(f"more than {MAX_FIELDS} fields in the response head")
-    fields: list[Header] = []
-    for line in lines[1:]:
-        if line[0] in b" \t":  # obs-fold: part of the previous value
-            if not fields:
-                raise ResponseError("response head starts with a continuation line")
-            name, value = fields[-1]
-            fields[-1] = (name, value + " " + line.strip(b" \t").decode("latin-1"))
-            continue
-        field = _FIELD_LINE.fullmatch(line)
-        if field is None:
+    status, _, block = data.decode("latin-1").partition("\n")
+    status_line = _STATUS_LINE.fullmatch(status.removesuffix("\r"))
+    if status_line is None or status_line[2][0] == "0":  # no status below 100
+        raise ResponseError(f"invalid status line: {status[:100]!r}")
+    if block[:1] in (" ", "\t"):
+        raise ResponseError("response head starts with a continuation line")
+    if block and not block.endswith("\n"):
+        block += "\n"
+    if not _FIELD_LINES.fullmatch(block):
+        block = _OBS_FOLD.sub(" ", block)
+        if not _FIELD_LINES.fullmatch(block):
+            line = next(line for line in block.splitlines() if not _FIELD_LINES.fullmatch(line + "\n"))
             raise ResponseError(f"invalid field line in the response head: {line[:100]!r}")
-        fields.append((field[1].decode("latin-1"), field[2].decode("latin-1")))
+    fields = _FIELD_LINE.findall(block)
+    if len(fields) > MAX_FIELDS:
+        raise ResponseError(f"more than {MAX_FIELDS} fields in the response head")
 
     headers: list[Header] = []
     length = None
     codings: list[str] = []
     connection = None
     for name, value in fields:
+        value = value.rstrip(" \t")
         lower = name.lower()
         if lower == "content-length":
             for part in value.split(","):
@@ -298,10 +294,10 @@ def parse_head(data: bytes) -> Head:
         raise ResponseError(f"ambiguous framing: Transfer-Encoding {codings}, Content-Length {length}")
     if length is not None:
         headers.append(("Content-Length", str(length)))
-    keep_alive = status_line[1] == b"1" and "close" not in (connection or "").lower()
+    keep_alive = status_line[1] == "1" and "close" not in (connection or "").lower()
     return Head(
         status=int(status_line[2]),
-        reason=(status_line[3] or b"").decode("latin-1"),
+        reason=status_line[3] or "",
         headers=headers,
         connection=connection,
         length=length,

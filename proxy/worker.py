@@ -29,7 +29,7 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from . import balance
 from .logs import access_logged, capture_stray_output, error_log, log_files_moved
-from .upstream import send_all
+from .sockets import send_all
 
 #: After shutdown starts, a keep-alive connection idle this long is closed.
 SHUTDOWN_IDLE_GRACE = 1.0
@@ -145,9 +145,20 @@ class BalancedServer(StreamServer):
                 return
         super()._do_read()
 
+    # Counted as the connection is accepted and closed, not when its greenlet
+    # runs: in a burst several accepts come before any handler starts.
+    def do_handle(self, *args) -> None:
+        self.share.opened()
+        super().do_handle(*args)
+
+    def do_close(self, *args) -> None:
+        self.share.closed()
+        super().do_close(*args)
+
 
 class _IdleWait:
-    """Gunicorn's keep-alive wait, recorded so shutdown can cut it short."""
+    """Gunicorn's keep-alive wait, recorded so shutdown can cut it short;
+    one per connection, its timer restarted for each wait."""
 
     __slots__ = ("_worker", "_timeout")
 
@@ -159,9 +170,13 @@ class _IdleWait:
         self._worker.idle[gevent.getcurrent()] = time.monotonic()
         self._timeout.start()
 
-    def __exit__(self, *exc_info) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         self._worker.idle.pop(gevent.getcurrent(), None)
-        return self._timeout.__exit__(*exc_info)
+        self._timeout.cancel()
+        return exc is self._timeout  # the keep-alive timeout: end the connection quietly
+
+    def close(self) -> None:
+        self._timeout.close()
 
 
 class _CountingSocket:
@@ -236,6 +251,7 @@ class ProxyWorker(GeventWorker):
         ggevent.StreamServer = BalancedServer
         self.share = BalancedServer.share = balance.Share(getattr(self, "balance_slot", None))
         self.clients: dict[gevent.Greenlet, socket.socket] = {}
+        self.waits: dict[gevent.Greenlet, _IdleWait] = {}
         self.idle: dict[gevent.Greenlet, float] = {}
         capture_stray_output()
         super().init_process()
@@ -248,17 +264,18 @@ class ProxyWorker(GeventWorker):
             self.log.reopen_files()
 
     def timeout_ctx(self) -> _IdleWait:
-        return _IdleWait(self)
+        return self.waits[gevent.getcurrent()]
 
     def handle(self, listener, client, addr) -> None:
         current = gevent.getcurrent()
         self.clients[current] = client
-        self.share.opened()
+        wait = self.waits[current] = _IdleWait(self)
         try:
             super().handle(listener, client, addr)
         finally:
-            self.share.closed()
+            wait.close()
             self.clients.pop(current, None)
+            self.waits.pop(current, None)
             self.idle.pop(current, None)
 
     def handle_request(self, listener_name, req, sock, addr):

@@ -65,6 +65,32 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
+def socket_inode(local_port: int, remote_port: int) -> int | None:
+    """The inode of the TCP socket with these local and remote ports (IPv4)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == remote_port:
+            return int(fields[9])
+    return None
+
+
+def socket_owner(pids: list[int], inode: int) -> int | None:
+    """Which of ``pids`` holds the socket with this inode."""
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    if os.readlink(fd) == target:
+                        return pid
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return None
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
