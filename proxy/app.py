@@ -114,10 +114,18 @@ class Exchange:
         return noting
 
     def log(self) -> None:
-        """Write the access line (building it only when access logging is on)."""
+        """Write the access line (building it only when access logging is on).
+
+        Then let go of the environ: it holds this record, and the cycle would
+        keep the whole request (environ, body reader, socket objects) alive
+        until the cyclic collector ran, instead of freeing it right here.
+        """
         access_logged.set(True)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(self.fields())
+        try:
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(self.fields())
+        finally:
+            self.environ = {}
 
     def fields(self) -> dict:
         env = self.environ
