@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,12 +43,16 @@ class Scenario:
     metric: str = "rps"
     headers: tuple[str, ...] = ()
     post_bytes: int | None = None
+    #: Measured runs per server, servers interleaved round by round; the
+    #: table shows the median of each number. The scenarios that carry
+    #: targets get 3, so that one noisy run cannot decide a ratio.
+    rounds: int = 1
 
 
 SCENARIOS = (
-    Scenario("1k_keepalive", "1 KiB GET, 50 keep-alive conns", "/1k", 50, 10),
+    Scenario("1k_keepalive", "1 KiB GET, 50 keep-alive conns", "/1k", 50, 10, rounds=3),
     Scenario("1k_500conns", "1 KiB GET, 500 keep-alive conns", "/1k", 500, 50),
-    Scenario("1m_download", "1 MiB GET, 10 conns (MB/s)", "/1m", 10, 4, "mb_per_s_down"),
+    Scenario("1m_download", "1 MiB GET, 10 conns (MB/s)", "/1m", 10, 4, "mb_per_s_down", rounds=3),
     Scenario("1m_upload", "1 MiB POST, 10 conns (MB/s up)", "/upload", 10, 4, "mb_per_s_up", post_bytes=MIB),
     Scenario("1k_new_conn", "1 KiB GET, new conn per request, 50 conns", "/1k", 50, 10, headers=("Connection: close",)),
 )
@@ -143,23 +148,40 @@ def run_all(args: argparse.Namespace, servers: dict[str, harness.Server]) -> lis
     scenarios = []
     for scenario in args.scenario_list:
         connections = scenario.quick_connections if args.quick else scenario.connections
-        results = {}
-        for key, server in servers.items():
-            run = dict(
-                url=server.url + scenario.path,
-                connections=connections,
-                threads=args.threads,
-                headers=scenario.headers,
-                post_bytes=scenario.post_bytes,
-            )
-            if args.warmup:
-                # Same load, unmeasured: upstream pools and caches reach this scenario's size.
-                harness.wrk(duration=args.warmup, **run)
-            log(f"{scenario.key}: {SERVERS[key]}, {connections} conns, {args.duration} s")
-            results[key] = harness.wrk(duration=args.duration, **run)
-            time.sleep(0.5)
+        rounds = 1 if args.quick else scenario.rounds
+        runs: dict[str, list[dict]] = {key: [] for key in servers}
+        for round_ in range(rounds):
+            for key, server in servers.items():
+                run = dict(
+                    url=server.url + scenario.path,
+                    connections=connections,
+                    threads=args.threads,
+                    headers=scenario.headers,
+                    post_bytes=scenario.post_bytes,
+                )
+                if args.warmup and round_ == 0:
+                    # Same load, unmeasured: upstream pools and caches reach this scenario's size.
+                    harness.wrk(duration=args.warmup, **run)
+                log(f"{scenario.key}: {SERVERS[key]}, {connections} conns, {args.duration} s, round {round_ + 1}")
+                runs[key].append(harness.wrk(duration=args.duration, **run))
+                time.sleep(0.5)
+        results = {key: median_result(server_runs) for key, server_runs in runs.items()}
         scenarios.append({**asdict(scenario), "connections": connections, "results": results})
     return scenarios
+
+
+def median_result(runs: list[dict]) -> dict:
+    """One result from several runs of the same load: the median of each
+    number, errors summed; every run is kept under ``runs``."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[0])
+    for field in ("rps", "mb_per_s_down", "mb_per_s_up"):
+        out[field] = statistics.median(r[field] for r in runs)
+    out["latency_us"] = {name: statistics.median(r["latency_us"][name] for r in runs) for name in runs[0]["latency_us"]}
+    out["errors_total"] = sum(r["errors_total"] for r in runs)
+    out["runs"] = runs
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -323,7 +345,8 @@ def main(argv: list[str]) -> int:
         f"{args.workers} proxy workers, {harness.cpus()} CPUs, wrk -t{args.threads}"
         + ("  [QUICK SMOKE RUN: numbers are meaningless]" if args.quick else "")
     )
-    print("x proxy = this row's req/s (MB/s for the 1 MiB rows) / the proxy's; p99 x proxy likewise for p99\n")
+    print("x proxy = this row's req/s (MB/s for the 1 MiB rows) / the proxy's; p99 x proxy likewise for p99")
+    print("rows of scenarios run in several rounds show the median of each number\n")
     print(format_table(scenarios))
     print("Targets (ratios measured in this run):")
     for target in targets:

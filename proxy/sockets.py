@@ -1,4 +1,4 @@
-"""Writing to gevent sockets.
+"""Socket I/O shared by the worker and the upstream client.
 
 Kept apart from the upstream client so that the worker module, which
 Gunicorn's master imports before gevent patches anything, does not pull in
@@ -8,6 +8,9 @@ urllib3 (and ssl) with it.
 from __future__ import annotations
 
 import socket
+
+#: Bytes read from a socket at a time, in both directions.
+BLOCK_SIZE = 64 * 1024
 
 
 def send_all(sock: socket.socket, data: bytes) -> None:

@@ -33,10 +33,8 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 from urllib3.util import Timeout
 
 from .headers import Header
-from .sockets import send_all
+from .sockets import BLOCK_SIZE, send_all
 
-#: Bytes read from a socket at a time, in both directions.
-BLOCK_SIZE = 64 * 1024
 #: Longest response head accepted from next-hop (nginx refuses more than 8 KiB).
 MAX_HEAD_BYTES = 64 * 1024
 #: Most field lines accepted in a response head or in trailers.
