@@ -434,6 +434,39 @@ def test_middleware_wraps_the_proxy(make_proxy, origin):
     assert not list(proxy.config_dir.rglob("__pycache__"))
 
 
+UNSENDABLE = """
+def factory(app):
+    def middleware(environ, start_response):
+        kind = environ["RAW_URI"].rsplit("/", 1)[1]
+        if kind == "crlf":
+            environ["HTTP_X_EVIL"] = "a\\r\\nX-Injected: 1"
+        elif kind == "lf":
+            environ["HTTP_X_EVIL"] = "a\\nX-Injected: 1"
+        elif kind == "nul":
+            environ["HTTP_X_EVIL"] = "a\\x00b"
+        elif kind == "name":
+            environ["HTTP_X_EVIL:_INJECTED"] = "1"
+        elif kind == "unicode":
+            environ["HTTP_X_EVIL"] = "\\u2603"
+        elif kind == "target":
+            environ["RAW_URI"] = "/a HTTP/1.1\\r\\nX-Injected: 1\\r\\n\\r\\nGET /b"
+        return app(environ, start_response)
+
+    return middleware
+"""
+
+
+@pytest.mark.parametrize("kind", ["crlf", "lf", "nul", "name", "unicode", "target"])
+def test_a_request_middleware_made_unsendable_is_a_500_and_never_sent(make_proxy, origin, kind):
+    proxy = configured(make_proxy, 'middleware = "mw:factory"\n', {"mw.py": UNSENDABLE})
+    origin.reset()
+    response, _ = proxy.request("GET", f"/evil/{kind}")
+    assert response.status == 500
+    assert origin.requests == []
+    assert "invalid request line or header for next-hop" in proxy.error_log() or "latin-1" in proxy.error_log()
+    assert proxy.request("GET", "/fine/ok")[0].status == 200
+
+
 def test_middleware_exception_is_a_500_for_that_request_only(make_proxy):
     proxy = configured(make_proxy, 'middleware = "mw:factory"\n', {"mw.py": MIDDLEWARE})
     workers = proxy.workers()
