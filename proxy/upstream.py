@@ -32,7 +32,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import Timeout
 
-from .headers import Header
+from .headers import Header, connection_tokens
 from .sockets import BLOCK_SIZE, send_all
 
 #: Longest response head accepted from next-hop (nginx refuses more than 8 KiB).
@@ -292,7 +292,7 @@ def parse_head(data: bytes) -> Head:
         raise ResponseError(f"ambiguous framing: Transfer-Encoding {codings}, Content-Length {length}")
     if length is not None:
         headers.append(("Content-Length", str(length)))
-    keep_alive = status_line[1] == "1" and "close" not in (connection or "").lower()
+    keep_alive = status_line[1] == "1" and "close" not in connection_tokens(connection)
     return Head(
         status=int(status_line[2]),
         reason=status_line[3] or "",
@@ -553,8 +553,9 @@ class Upstream:
             phase = "connect"
             try:
                 if not reused:
+                    began = time.perf_counter()
                     conn.connect()
-                    connect_s = time.perf_counter() - start
+                    connect_s = time.perf_counter() - began
                 sock = conn.sock
                 sock.settimeout(self.read_timeout)
                 phase = "send"

@@ -13,6 +13,11 @@
    414, 431...) without calling the app still gets its access line; output
    that bypasses logging becomes error-log records; a worker that missed the
    master's SIGUSR1 while booting reopens rotated log files on its own.
+5. Fairness and speed: each request yields to the event loop once before
+   it is handled; workers spread connections through ``proxy.balance``;
+   the response head leaves with the first body bytes; request bodies are
+   read 64 KiB ahead, not 1 MiB; what was loaded before serving is frozen
+   out of the cyclic garbage collector.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ from .sockets import BLOCK_SIZE, send_all
 
 #: After shutdown starts, a keep-alive connection idle this long is closed.
 SHUTDOWN_IDLE_GRACE = 1.0
+
+#: Each request first sleeps this long, which puts it behind the work the
+#: event loop already has ready. gevent reads without yielding when data is
+#: waiting, so a connection whose next request (and next-hop's answer) kept
+#: arriving in time could be served request after request while the others
+#: waited (measured: p99 300 ms instead of 25 ms under wrk). A zero sleep
+#: would not do: it can resume before the loop polls for I/O again.
+FAIR_YIELD_S = 0.000001
 
 
 class ProxyResponse(wsgi.Response):
@@ -269,7 +282,8 @@ class ProxyWorker(GeventWorker):
             self.log.reopen_files()
 
     def timeout_ctx(self) -> _IdleWait:
-        return self.waits[gevent.getcurrent()]
+        wait = self.waits.get(gevent.getcurrent())
+        return wait if wait is not None else _IdleWait(self)
 
     def handle(self, listener, client, addr) -> None:
         current = gevent.getcurrent()
@@ -284,7 +298,7 @@ class ProxyWorker(GeventWorker):
             self.idle.pop(current, None)
 
     def handle_request(self, listener_name, req, sock, addr):
-        gevent.sleep(0.000001)
+        gevent.sleep(FAIR_YIELD_S)
         access_logged.set(False)
         handled = super().handle_request(listener_name, req, sock, addr)
         access_logged.set(False)  # what fails next on this connection is a new request
