@@ -28,7 +28,7 @@ from . import settings as settings_module
 from .config import HEALTHZ_PATH, ProxyConfig
 from .extension import ExtensionError, WSGIApp, wrap
 from .headers import downstream_response_headers, upstream_request_headers
-from .logs import access_log, access_logged, error_log, iso_time
+from .logs import access_log, access_logged, error_log, iso_time, write_access
 from .tunnel import ALREADY_HANDLED, is_upgrade, tunnel
 from .upstream import (
     BLOCK_SIZE,
@@ -123,7 +123,7 @@ class Exchange:
         access_logged.set(True)
         try:
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info(self.fields())
+                write_access(self.fields())
         finally:
             self.environ = {}
 

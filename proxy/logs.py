@@ -56,6 +56,18 @@ os.register_at_fork(after_in_child=_forked)
 _second = (-1, "")
 
 
+def write_access(fields: dict[str, Any]) -> None:
+    """One access record, through the access logger's handlers and formatters
+    like any record, minus the Logger's per-call work (level, filter and
+    handler walks) and the handler lock: it is written from the greenlets of
+    one thread, and a write never yields to another greenlet mid-record.
+    Callers check ``access_log.isEnabledFor(logging.INFO)`` first, so that
+    nothing is built when the access log is off."""
+    record = logging.LogRecord(access_log.name, logging.INFO, "", 0, fields, None, None)
+    for handler in access_log.handlers:
+        handler.emit(record)
+
+
 def iso_time(epoch: float) -> str:
     """ISO 8601 UTC with milliseconds, e.g. ``2026-11-21T05:10:34.123Z``
     (the part up to the second is formatted once a second)."""
