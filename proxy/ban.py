@@ -12,7 +12,7 @@ import dataclasses
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import re2  # type: ignore[import-untyped]
 
@@ -80,12 +80,16 @@ class BanSubject:
 
 @dataclass(frozen=True, slots=True)
 class Condition:
-    """One `field operator argument` test. Built by `parse` only, which checks the combination."""
+    """One `field operator argument` test. Built by `parse` only, which checks the combination.
+
+    regex: the compiled RE2 matcher (a `re2.Set` of one pattern) for ~ and !~, else None.
+    """
 
     field: str
     operator: str
     argument: str | int
     test: Callable[[BanSubject], bool] = dataclasses.field(compare=False, repr=False)
+    regex: object | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         argument = str(self.argument) if isinstance(self.argument, int) else _quote(self.argument)
@@ -211,7 +215,8 @@ class _Parser:
             argument = self.string(operator)
             if name == "req.http.host" and not regex:
                 argument = argument.lower()
-        return Condition(name, operator, argument, _test(name, operator, argument, self, arg_at))
+        matcher = _regex(argument, self, arg_at) if regex else None
+        return Condition(name, operator, argument, _test(name, operator, argument, matcher), matcher)
 
     def field_name(self) -> str:
         start = self.pos
@@ -267,7 +272,7 @@ class _Parser:
             word = self.bare_word() or self.text[self.pos]
             raise self.error(
                 f"expected a double-quoted string after {operator}, got {word!r}"
-                f' (Varnish also takes bare words; here quote it: "{word}")',
+                " (Varnish also takes bare words; here put them in double quotes)",
                 open_at,
             )
         self.pos += 1
@@ -283,14 +288,22 @@ class _Parser:
                 out.append(self.text[self.pos + 1])
                 self.pos += 2
                 continue
-            if not c.isprintable() and c != "\t":
+            if (c < " " and c != "\t") or c == "\x7f":
                 raise self.error(f"control character U+{ord(c):04X} in a string")
+            if "\ud800" <= c <= "\udfff":
+                raise self.error(f"U+{ord(c):04X} in a string is a lone surrogate, not text (undecodable bytes?)")
             out.append(c)
             self.pos += 1
 
 
-def _regex(pattern: str, parser: _Parser, offset: int) -> Callable[[str], bool]:
-    """Compile `pattern` with RE2 (unanchored search, like Varnish) into a yes/no test."""
+def _regex(pattern: str | int, parser: _Parser, offset: int) -> object:
+    """Compile `pattern` with RE2 into a one-pattern Set: an unanchored search, like Varnish's.
+
+    A Set answers yes/no without building a match object: about 2.5 us a test against 20 us for
+    re2's `search` (docs/ban.md). Set.Compile refuses a pattern whose matcher would not fit
+    REGEX_MAX_MEM, so the linear-time DFA never runs out of memory mid-match.
+    """
+    assert isinstance(pattern, str)
     options = re2.Options()
     options.log_errors = False
     options.never_capture = True
@@ -302,11 +315,7 @@ def _regex(pattern: str, parser: _Parser, offset: int) -> Callable[[str], bool]:
         matcher.Compile()
     except re2.error as exc:
         raise parser.error(_regex_reason(exc), offset) from None
-
-    def search(value: str) -> bool:
-        return matcher.Match(value) is not None
-
-    return search
+    return matcher
 
 
 def _regex_reason(exc: Exception) -> str:
@@ -321,7 +330,7 @@ def _regex_reason(exc: Exception) -> str:
     return f"invalid regular expression: {detail}"
 
 
-def _test(name: str, operator: str, argument: str | int, parser: _Parser, offset: int) -> Callable[[BanSubject], bool]:
+def _test(name: str, operator: str, argument: str | int, matcher: Any) -> Callable[[BanSubject], bool]:
     """The test for one condition, built once so matching does no parsing.
 
     A missing response header is never equal to nor matched by anything: == and ~ are false,
@@ -353,10 +362,10 @@ def _test(name: str, operator: str, argument: str | int, parser: _Parser, offset
 
     assert isinstance(argument, str)
     if operator in ("~", "!~"):
-        search = _regex(argument, parser, offset)
+        match = matcher.Match  # given bytes: "surrogatepass" lets no str make the encoding fail
         if operator == "~":
-            return lambda s: (v := get(s)) is not None and search(v)
-        return lambda s: (v := get(s)) is None or not search(v)
+            return lambda s: (v := get(s)) is not None and match(v.encode("utf-8", "surrogatepass")) is not None
+        return lambda s: (v := get(s)) is None or match(v.encode("utf-8", "surrogatepass")) is None
     if operator == "==":
         return lambda s: get(s) == argument
     return lambda s: get(s) != argument
