@@ -115,7 +115,10 @@ class BanExpression:
         return frozenset(c.field for c in self.conditions)
 
     def matches(self, subject: BanSubject) -> bool:
-        return all(c.test(subject) for c in self.conditions)
+        for condition in self.conditions:  # a plain loop: all() over a generator costs ~1 us more
+            if not condition.test(subject):
+                return False
+        return True
 
     def to_text(self) -> str:
         """The canonical text; `parse(e.to_text()) == e`."""
