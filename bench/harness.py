@@ -190,8 +190,14 @@ def pinning(server: Server) -> list[dict]:
 
 
 def check_pinning(name: str, processes: list[dict], want: frozenset[int]) -> None:
+    """Raise unless every thread of every process in ``processes`` (from
+    ``pinning``) may run on exactly ``want``."""
     for process in processes:
-        if process["cpus_allowed"] != format_cpu_list(want) and parse_cpu_list(process["cpus_allowed"]) != want:
+        try:
+            got = {parse_cpu_list(value) for value in process["cpus_allowed"].split("/")}
+        except ValueError:
+            got = set()
+        if got != {want}:
             raise RuntimeError(f"{name}: {process} is not pinned to CPU {format_cpu_list(want)}")
 
 

@@ -614,7 +614,7 @@ def main(argv: list[str]) -> int:
         print("note: the two per-core CPUs are hyper-threads of one physical core")
     for section, targets in measured.values():
         print_section(section, targets, meta, args)
-    print(f"\nresults: {args.out}\ncharts:  {', '.join(str(c) for c in charts)}")
+    print(f"\nresults: {args.out}\ncharts:  {', '.join(str(c) for c in charts) or 'none'}")
     if args.check and any(t.passed is False for _, targets in measured.values() for t in targets):
         return 1
     return 0
