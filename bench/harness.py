@@ -50,6 +50,168 @@ def cpus() -> int:
         return os.cpu_count() or 1
 
 
+# -- the machine and CPU pinning ----------------------------------------------------
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """``0-2,5`` (the kernel's CPU list format) -> {0, 1, 2, 5}."""
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        out.update(range(int(low), int(high or low) + 1))
+    return frozenset(out)
+
+
+def format_cpu_list(cpus_: frozenset[int]) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus_))
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    for key in ("model name", "Model", "Hardware", "cpu model"):
+        for line in text.splitlines():
+            name, sep, value = line.partition(":")
+            if sep and name.strip() == key and value.strip():
+                return value.strip()
+    return "unknown"
+
+
+def machine() -> dict:
+    """What the table was measured on."""
+    return {
+        "cpu_model": cpu_model(),
+        "kernel": f"{os.uname().sysname} {os.uname().release}",
+        "cpus_online": os.cpu_count(),
+        "cpus_allowed": format_cpu_list(frozenset(os.sched_getaffinity(0))),
+    }
+
+
+@dataclass(frozen=True)
+class PerCoreLayout:
+    """Which CPU the proxies get and which one wrk and the origin share."""
+
+    proxy_cpu: int
+    load_cpu: int
+    #: The two CPUs are hyper-threads of one core (no other choice here).
+    smt_siblings: bool
+
+    @property
+    def proxy_cpus(self) -> frozenset[int]:
+        return frozenset({self.proxy_cpu})
+
+    @property
+    def load_cpus(self) -> frozenset[int]:
+        return frozenset({self.load_cpu})
+
+
+def _thread_siblings(cpu: int) -> frozenset[int]:
+    path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+    try:
+        return parse_cpu_list(path.read_text())
+    except (OSError, ValueError):
+        return frozenset({cpu})
+
+
+def per_core_layout() -> PerCoreLayout | None:
+    """The last allowed CPU for the proxies; for the load, the first allowed
+    CPU that is not a hyper-thread sibling of it (a sibling only if nothing
+    else is allowed). None with fewer than 2 CPUs."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        return None
+    proxy_cpu = allowed[-1]
+    siblings = _thread_siblings(proxy_cpu)
+    others = [cpu for cpu in allowed if cpu not in siblings]
+    if others:
+        return PerCoreLayout(proxy_cpu, others[0], smt_siblings=False)
+    return PerCoreLayout(proxy_cpu, allowed[0], smt_siblings=True)
+
+
+def _pin(cpus_: frozenset[int] | None):
+    """A ``preexec_fn`` pinning the child before it execs: everything it
+    forks later (Gunicorn's and nginx's workers, Node's threads) inherits."""
+    if cpus_ is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus_)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, parents first."""
+    out = [pid]
+    for task in _tasks(pid):
+        try:
+            text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+        except OSError:
+            continue
+        for child in text.split():
+            out += process_tree(int(child))
+    return out
+
+
+def _tasks(pid: int) -> list[int]:
+    try:
+        return sorted(int(name) for name in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return []
+
+
+def cpus_allowed(pid: int) -> str:
+    """``Cpus_allowed_list`` of every thread of ``pid``, distinct values
+    joined by ``/`` (one value when all threads agree)."""
+    seen: list[str] = []
+    for task in _tasks(pid) or [pid]:
+        try:
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                value = line.split(":", 1)[1].strip()
+                if value not in seen:
+                    seen.append(value)
+    return "/".join(seen) or "?"
+
+
+def pinning(server: Server) -> list[dict]:
+    """What the kernel says each process of ``server`` may run on."""
+    out = []
+    for pid in process_tree(server.proc.pid):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        out.append({"pid": pid, "process": comm, "cpus_allowed": cpus_allowed(pid)})
+    return out
+
+
+def check_pinning(name: str, processes: list[dict], want: frozenset[int]) -> None:
+    """Raise unless every thread of every process in ``processes`` (from
+    ``pinning``) may run on exactly ``want``."""
+    for process in processes:
+        try:
+            got = {parse_cpu_list(value) for value in process["cpus_allowed"].split("/")}
+        except ValueError:
+            got = set()
+        if got != {want}:
+            raise RuntimeError(f"{name}: {process} is not pinned to CPU {format_cpu_list(want)}")
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process ``pid`` (all its threads), from /proc/PID/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    # fields[0] is the state (field 3 of proc(5)): utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
 # -- installing -------------------------------------------------------------------
 
 
@@ -158,6 +320,11 @@ class Server:
             return []
         return [int(pid) for pid in text.split()]
 
+    def worker_pids(self) -> list[int]:
+        """The processes that serve requests: the workers, or the process
+        itself where it has none (Node)."""
+        return self.children() or [self.proc.pid]
+
 
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -243,6 +410,7 @@ http {{
             proxy_set_header Host $http_host;
             # Stream request bodies like the proxy under test does.
             proxy_request_buffering off;
+            proxy_buffering {buffering};
         }}
     }}
 }}
@@ -269,11 +437,25 @@ class Services:
         # directory is root's own, so keep them root (loopback-only, throwaway).
         return "user root;" if os.geteuid() == 0 else ""
 
-    def _spawn(self, name: str, port: int, cmd: list[str], stop_signal=signal.SIGTERM, **kwargs) -> Server:
+    def _spawn(
+        self,
+        name: str,
+        port: int,
+        cmd: list[str],
+        stop_signal=signal.SIGTERM,
+        cpus: frozenset[int] | None = None,
+        **kwargs,
+    ) -> Server:
         out = self.tmp / f"{name}.out"
         handle = out.open("wb")
         proc = subprocess.Popen(
-            cmd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, **kwargs
+            cmd,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_pin(cpus),
+            **kwargs,
         )
         handle.close()
         server = Server(name, port, proc, stop_signal, [out])
@@ -308,7 +490,7 @@ class Services:
 
     # -- the servers ----------------------------------------------------------------
 
-    def origin(self, workers: int = 1, big_file: int | None = None) -> Server:
+    def origin(self, workers: int = 1, big_file: int | None = None, cpus: frozenset[int] | None = None) -> Server:
         www = self.tmp / "www"
         www.mkdir(exist_ok=True)
         for name, size in FILES.items():
@@ -324,7 +506,7 @@ class Services:
                 user=self._user_line(), nofile=_nofile(), workers=workers, tmp=self.tmp, www=www, port=port
             )
         )
-        server = self._spawn("origin", port, ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e", "stderr"])
+        server = self._spawn("origin", port, ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e", "stderr"], cpus=cpus)
         self.wait_ready(server)
         return server
 
@@ -335,7 +517,14 @@ class Services:
         self.wait_ready(server)
         return server
 
-    def proxy(self, origin: Server, workers: int, access_log: bool = True, name: str = "proxy") -> Server:
+    def proxy(
+        self,
+        origin: Server,
+        workers: int,
+        access_log: bool = True,
+        name: str = "proxy",
+        cpus: frozenset[int] | None = None,
+    ) -> Server:
         """The proxy under test, exactly as the image starts it (only the bind
         address is narrowed to loopback on the command line)."""
         port = free_port()
@@ -354,29 +543,41 @@ class Services:
             "PROXY_ACCESS_LOG": "on" if access_log else "off",
         }
         cmd = [str(self.proxy_python), "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
-        server = self._spawn(name, port, cmd, signal.SIGTERM, cwd=ROOT, env=env)
+        server = self._spawn(name, port, cmd, signal.SIGTERM, cpus=cpus, cwd=ROOT, env=env)
         server.logs += [scratch / "log" / "error.log"]
         self.wait_ready(server)
         return server
 
-    def nginx_proxy(self, origin: Server) -> Server:
+    def nginx_proxy(
+        self, origin: Server, response_buffering: bool = True, cpus: frozenset[int] | None = None
+    ) -> Server:
+        """nginx as a proxy, one worker; ``response_buffering=False`` streams
+        answers too (``proxy_buffering off``), as the proxy under test does."""
         port = free_port()
         conf = self.tmp / "nginx-proxy.conf"
         conf.write_text(
-            _NGINX_PROXY.format(user=self._user_line(), nofile=_nofile(), tmp=self.tmp, port=port, origin=origin.port)
+            _NGINX_PROXY.format(
+                user=self._user_line(),
+                nofile=_nofile(),
+                tmp=self.tmp,
+                port=port,
+                origin=origin.port,
+                buffering="on" if response_buffering else "off",
+            )
         )
-        server = self._spawn("nginx", port, ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e", "stderr"])
+        cmd = ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e", "stderr"]
+        server = self._spawn("nginx", port, cmd, cpus=cpus)
         self.wait_ready(server)
         return server
 
-    def node_proxy(self, origin: Server) -> Server:
+    def node_proxy(self, origin: Server, cpus: frozenset[int] | None = None) -> Server:
         port = free_port()
         cmd = ["node", str(BENCH / "node_proxy.js"), str(port), f"http://127.0.0.1:{origin.port}"]
-        server = self._spawn("node", port, cmd, cwd=BENCH)
+        server = self._spawn("node", port, cmd, cpus=cpus, cwd=BENCH)
         self.wait_ready(server)
         return server
 
-    def wsgiproxy(self, origin: Server, workers: int) -> Server:
+    def wsgiproxy(self, origin: Server, workers: int, cpus: frozenset[int] | None = None) -> Server:
         # Same Gunicorn knobs as the proxy's gunicorn.conf.py.
         sys.path.insert(0, str(ROOT))
         from proxy import settings as proxy_settings
@@ -391,7 +592,7 @@ class Services:
             "BENCH_KEEPALIVE": str(proxy_settings.KEEPALIVE_TIMEOUT),
         }
         cmd = [str(BENCH_PY), "-m", "gunicorn", "-c", str(BENCH / "wsgiproxy_conf.py")]
-        server = self._spawn("wsgiproxy2", port, cmd, signal.SIGTERM, cwd=BENCH, env=env)
+        server = self._spawn("wsgiproxy2", port, cmd, signal.SIGTERM, cpus=cpus, cwd=BENCH, env=env)
         self.wait_ready(server)
         return server
 
@@ -461,8 +662,10 @@ def wrk(
     headers: list[str] = (),
     post_bytes: int | None = None,
     timeout_s: int = 10,
+    cpus: frozenset[int] | None = None,
 ) -> dict:
-    """One wrk run; returns the numbers wrk.lua's done() printed, plus rates."""
+    """One wrk run; returns the numbers wrk.lua's done() printed, plus rates
+    (and, when pinned to ``cpus``, the CPUs the kernel let it use)."""
     threads = max(1, min(threads, connections))
     cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s"]
     cmd += ["--timeout", f"{timeout_s}s", "-s", str(WRK_LUA)]
@@ -472,13 +675,24 @@ def wrk(
     env = {**os.environ}
     if post_bytes:
         env["BENCH_POST_BYTES"] = str(post_bytes)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=duration + 60)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_pin(cpus)
+    )
+    allowed = cpus_allowed(proc.pid) if cpus is not None else None
+    try:
+        stdout, stderr = proc.communicate(timeout=duration + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    if allowed is not None and parse_cpu_list(allowed) != cpus:
+        raise RuntimeError(f"wrk was not pinned to CPU {format_cpu_list(cpus)}: Cpus_allowed_list {allowed}")
     result = None
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
             result = json.loads(line[len("BENCH_RESULT ") :])
     if proc.returncode != 0 or result is None:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {stdout}\n{stderr}")
     seconds = result["duration_us"] / 1e6
     errors = result["errors"]
     result["errors_total"] = sum(errors.values())
@@ -486,6 +700,8 @@ def wrk(
     result["mb_per_s_down"] = result["bytes"] / seconds / 1e6 if seconds else 0.0
     result["mb_per_s_up"] = result["requests"] * (post_bytes or 0) / seconds / 1e6 if seconds else 0.0
     result["command"] = " ".join(cmd)
+    if allowed is not None:
+        result["wrk_cpus_allowed"] = allowed
     return result
 
 

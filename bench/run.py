@@ -2,9 +2,14 @@
 """``make bench``: the proxy against nginx, Node's http-proxy, WSGIProxy2 and
 the bare origin, on loopback, driven by wrk. See bench/README.md.
 
+Two modes: per core (each proxy pinned to a CPU of its own with one worker,
+wrk and the origin on another CPU: the headline) and all cores (every
+process on every CPU, the proxies with their default process counts).
+
 Installs what it needs (nginx and wrk from apt, http-proxy from npm into
-bench/node_modules, WSGIProxy2 and matplotlib into bench/.venv), prints one
-table, and writes bench/results/latest.json and bench/results/latest.png.
+bench/node_modules, WSGIProxy2 and matplotlib into bench/.venv), prints a
+table per mode, and writes bench/results/latest.json and one chart per mode
+beside it (latest-per-core.png, latest-all-cores.png).
 """
 
 from __future__ import annotations
@@ -47,11 +52,13 @@ class Scenario:
     #: table shows the median of each number. The scenarios that carry
     #: targets get 3, so that one noisy run cannot decide a ratio.
     rounds: int = 1
+    #: The same in the per-core mode, where every scenario but one carries a target.
+    per_core_rounds: int = 3
 
 
 SCENARIOS = (
     Scenario("1k_keepalive", "1 KiB GET, 50 keep-alive conns", "/1k", 50, 10, rounds=3),
-    Scenario("1k_500conns", "1 KiB GET, 500 keep-alive conns", "/1k", 500, 50),
+    Scenario("1k_500conns", "1 KiB GET, 500 keep-alive conns", "/1k", 500, 50, per_core_rounds=1),
     Scenario("1m_download", "1 MiB GET, 10 conns (MB/s)", "/1m", 10, 4, "mb_per_s_down", rounds=3),
     Scenario("1m_upload", "1 MiB POST, 10 conns (MB/s up)", "/upload", 10, 4, "mb_per_s_up", post_bytes=MIB),
     Scenario("1k_new_conn", "1 KiB GET, new conn per request, 50 conns", "/1k", 50, 10, headers=("Connection: close",)),
@@ -66,38 +73,113 @@ class Target:
     threshold: float
     #: ``ge``: value must be >= threshold; ``le``: <=; ``lt``: <.
     op: str
+    #: A further threshold worth reaching, printed but never failing ``--check``.
+    moonshot: float | None = None
+    #: The proxy's worker CPU per request in this target's scenario.
+    proxy_cpu_us_per_request: float | None = None
 
-    @property
-    def passed(self) -> bool | None:
+    def meets(self, threshold: float) -> bool | None:
         if self.value is None:
             return None
         if self.op == "ge":
-            return self.value >= self.threshold
+            return self.value >= threshold
         if self.op == "le":
-            return self.value <= self.threshold
-        return self.value < self.threshold
+            return self.value <= threshold
+        return self.value < threshold
+
+    @property
+    def passed(self) -> bool | None:
+        return self.meets(self.threshold)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        moonshot = None if self.moonshot is None else self.meets(self.moonshot)
+        return {**asdict(self), "passed": self.passed, "moonshot_passed": moonshot}
+
+
+_VERDICT = {True: "PASS", False: "FAIL", None: "n/a "}
 
 
 def target_line(target: Target) -> str:
     sign = {"ge": ">=", "le": "<=", "lt": "<"}[target.op]
-    verdict = {True: "PASS", False: "FAIL", None: "n/a "}[target.passed]
     value = "n/a" if target.value is None else f"{target.value:.2f}"
-    return f"  {verdict}  {target.description:<58} {value:>9} (need {sign} {target.threshold:g})"
+    line = f"  {_VERDICT[target.passed]}  {target.description:<58} {value:>9} (need {sign} {target.threshold:g})"
+    if target.moonshot is not None:
+        line += f"  moonshot {sign} {target.moonshot:g}: {_VERDICT[target.meets(target.moonshot)].strip()}"
+    if target.proxy_cpu_us_per_request is not None:
+        line += f"  proxy {target.proxy_cpu_us_per_request:.0f} µs CPU/req"
+    return line
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the servers are started and where they run."""
+
+    key: str
+    title: str
+    proxy_workers: int
+    origin_workers: int
+    wrk_threads: int
+    #: nginx as a proxy buffers answers (its default) or streams them.
+    nginx_response_buffering: bool
+    #: CPUs of every proxy under test / of wrk and the origin; None: unpinned.
+    proxy_cpus: frozenset[int] | None = None
+    load_cpus: frozenset[int] | None = None
+
+    @property
+    def pinned(self) -> bool:
+        return self.proxy_cpus is not None
+
+    def rounds(self, scenario: Scenario, quick: bool) -> int:
+        if quick:
+            return 1
+        return scenario.per_core_rounds if self.pinned else scenario.rounds
+
+
+def per_core_mode(layout: harness.PerCoreLayout) -> Mode:
+    return Mode(
+        "per_core",
+        "per core",
+        proxy_workers=1,
+        origin_workers=1,
+        wrk_threads=1,
+        nginx_response_buffering=False,
+        proxy_cpus=layout.proxy_cpus,
+        load_cpus=layout.load_cpus,
+    )
+
+
+def all_cores_mode(args: argparse.Namespace) -> Mode:
+    return Mode(
+        "all_cores",
+        "all cores",
+        proxy_workers=args.workers,
+        origin_workers=args.origin_workers,
+        wrk_threads=args.threads,
+        nginx_response_buffering=True,
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--mode",
+        choices=("per-core", "all-cores", "both"),
+        default="both",
+        help="per-core: each proxy pinned to one CPU, one worker; all-cores: unpinned, default process counts",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 s per wrk run, fewer connections")
     p.add_argument("--duration", type=int, help="seconds per wrk run (default 10, --quick 1)")
     p.add_argument("--warmup", type=int, help="seconds of unmeasured warm-up before each run (default 2, --quick 1)")
     p.add_argument(
-        "--workers", type=int, default=harness.cpus(), help="workers for the Gunicorn proxies (default: CPUs)"
+        "--workers",
+        type=int,
+        default=harness.cpus(),
+        help="all-cores mode: workers for the Gunicorn proxies (default: CPUs)",
     )
-    p.add_argument("--origin-workers", type=int, default=1, help="nginx origin worker processes (default 1)")
-    p.add_argument("--threads", type=int, default=harness.cpus(), help="wrk threads (default: CPUs)")
+    p.add_argument(
+        "--origin-workers", type=int, default=1, help="all-cores mode: nginx origin worker processes (default 1)"
+    )
+    p.add_argument("--threads", type=int, default=harness.cpus(), help="all-cores mode: wrk threads (default: CPUs)")
     p.add_argument("--only", help="comma-separated servers to run: " + ",".join(SERVERS))
     p.add_argument("--scenarios", help="comma-separated scenarios: " + ",".join(s.key for s in SCENARIOS))
     p.add_argument(
@@ -124,50 +206,90 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def start_servers(services: harness.Services, args: argparse.Namespace) -> dict[str, harness.Server]:
-    origin = services.origin(workers=args.origin_workers)
+def start_servers(services: harness.Services, args: argparse.Namespace, mode: Mode) -> dict[str, harness.Server]:
+    origin = services.origin(workers=mode.origin_workers, cpus=mode.load_cpus)
+    pin = mode.proxy_cpus
     started: dict[str, harness.Server] = {}
     for key in args.servers:
-        log(f"starting {SERVERS[key]}")
+        log(f"starting {SERVERS[key]} ({mode.title})")
         if key == "origin":
             started[key] = origin
         elif key == "proxy":
-            started[key] = services.proxy(origin, workers=args.workers, access_log=True)
+            started[key] = services.proxy(origin, workers=mode.proxy_workers, access_log=True, cpus=pin)
         elif key == "node":
-            started[key] = services.node_proxy(origin)
+            started[key] = services.node_proxy(origin, cpus=pin)
         elif key == "wsgiproxy2":
-            started[key] = services.wsgiproxy(origin, workers=args.workers)
+            started[key] = services.wsgiproxy(origin, workers=mode.proxy_workers, cpus=pin)
         elif key == "nginx":
-            started[key] = services.nginx_proxy(origin)
+            started[key] = services.nginx_proxy(origin, response_buffering=mode.nginx_response_buffering, cpus=pin)
     for server in started.values():
         harness.sanity_check(server)
     return started
 
 
-def run_all(args: argparse.Namespace, servers: dict[str, harness.Server]) -> list[dict]:
+def pinning(services: harness.Services, mode: Mode) -> dict[str, list[dict]]:
+    """Each running server's processes (the origin's too) and the CPUs the
+    kernel lets them use; in the per-core mode, raises unless each is pinned
+    where it should be."""
+    out = {}
+    for server in services.servers:
+        out[server.name] = harness.pinning(server)
+        if mode.pinned:
+            want = mode.load_cpus if server.name == "origin" else mode.proxy_cpus
+            harness.check_pinning(SERVERS.get(server.name, server.name), out[server.name], want)
+    return out
+
+
+def measured_wrk(server: harness.Server, duration: float, **run) -> dict:
+    """One measured wrk run, with the CPU the server's workers spent on it."""
+    pids = sorted(server.worker_pids())
+    before = {pid: harness.cpu_seconds(pid) for pid in pids}
+    result = harness.wrk(duration=duration, **run)
+    try:
+        after = {pid: harness.cpu_seconds(pid) for pid in pids}
+    except OSError:  # a worker went away: no honest number
+        after = None
+    if after is None or sorted(server.worker_pids()) != pids:
+        result["worker_cpu_s"] = result["cpu_us_per_request"] = None
+    else:
+        result["worker_cpu_s"] = sum(after[pid] - before[pid] for pid in pids)
+        result["cpu_us_per_request"] = result["worker_cpu_s"] / result["requests"] * 1e6 if result["requests"] else None
+    return result
+
+
+def run_all(args: argparse.Namespace, servers: dict[str, harness.Server], mode: Mode) -> list[dict]:
     scenarios = []
     for scenario in args.scenario_list:
         connections = scenario.quick_connections if args.quick else scenario.connections
-        rounds = 1 if args.quick else scenario.rounds
+        rounds = mode.rounds(scenario, args.quick)
         runs: dict[str, list[dict]] = {key: [] for key in servers}
         for round_ in range(rounds):
             for key, server in servers.items():
                 run = dict(
                     url=server.url + scenario.path,
                     connections=connections,
-                    threads=args.threads,
+                    threads=mode.wrk_threads,
                     headers=scenario.headers,
                     post_bytes=scenario.post_bytes,
+                    cpus=mode.load_cpus,
                 )
                 if args.warmup and round_ == 0:
                     # Same load, unmeasured: upstream pools and caches reach this scenario's size.
                     harness.wrk(duration=args.warmup, **run)
-                log(f"{scenario.key}: {SERVERS[key]}, {connections} conns, {args.duration} s, round {round_ + 1}")
-                runs[key].append(harness.wrk(duration=args.duration, **run))
+                log(
+                    f"{mode.title}, {scenario.key}: {SERVERS[key]}, {connections} conns, {args.duration} s, "
+                    f"round {round_ + 1}/{rounds}"
+                )
+                runs[key].append(measured_wrk(server, args.duration, **run))
                 time.sleep(0.5)
         results = {key: median_result(server_runs) for key, server_runs in runs.items()}
-        scenarios.append({**asdict(scenario), "connections": connections, "results": results})
+        scenarios.append({**asdict(scenario), "rounds": rounds, "connections": connections, "results": results})
     return scenarios
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def median_result(runs: list[dict]) -> dict:
@@ -176,8 +298,8 @@ def median_result(runs: list[dict]) -> dict:
     if len(runs) == 1:
         return runs[0]
     out = dict(runs[0])
-    for field in ("rps", "mb_per_s_down", "mb_per_s_up"):
-        out[field] = statistics.median(r[field] for r in runs)
+    for field in ("rps", "mb_per_s_down", "mb_per_s_up", "worker_cpu_s", "cpu_us_per_request"):
+        out[field] = _median([r[field] for r in runs])
     out["latency_us"] = {name: statistics.median(r["latency_us"][name] for r in runs) for name in runs[0]["latency_us"]}
     out["errors_total"] = sum(r["errors_total"] for r in runs)
     out["runs"] = runs
@@ -188,7 +310,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def compute_targets(scenarios: list[dict]) -> list[Target]:
+def _lookup(scenarios: list[dict]):
+    """``value(scenario, server, field)`` over one mode's results (``p99``: the latency)."""
     by_key = {s["key"]: s["results"] for s in scenarios}
 
     def value(scenario: str, server: str, field: str) -> float | None:
@@ -197,6 +320,65 @@ def compute_targets(scenarios: list[dict]) -> list[Target]:
             return None
         return result["latency_us"]["p99"] if field == "p99" else result[field]
 
+    return value
+
+
+def compute_per_core_targets(scenarios: list[dict]) -> list[Target]:
+    value = _lookup(scenarios)
+
+    def vs(scenario: str, other: str, field: str) -> float | None:
+        return _ratio(value(scenario, "proxy", field), value(scenario, other, field))
+
+    def cpu(scenario: str) -> float | None:
+        return value(scenario, "proxy", "cpu_us_per_request")
+
+    return [
+        Target(
+            "per_core_rps_vs_node",
+            "1 KiB keep-alive req/s: proxy / Node http-proxy",
+            vs("1k_keepalive", "node", "rps"),
+            0.6,
+            "ge",
+            moonshot=0.75,
+            proxy_cpu_us_per_request=cpu("1k_keepalive"),
+        ),
+        Target(
+            "per_core_p99_vs_node",
+            "1 KiB keep-alive p99: proxy / Node http-proxy",
+            vs("1k_keepalive", "node", "p99"),
+            1.5,
+            "le",
+            proxy_cpu_us_per_request=cpu("1k_keepalive"),
+        ),
+        Target(
+            "per_core_get_vs_nginx",
+            "1 MiB GET MB/s: proxy / nginx proxy (buffering off)",
+            vs("1m_download", "nginx", "mb_per_s_down"),
+            1.0,
+            "ge",
+            proxy_cpu_us_per_request=cpu("1m_download"),
+        ),
+        Target(
+            "per_core_post_vs_nginx",
+            "1 MiB POST MB/s: proxy / nginx proxy (buffering off)",
+            vs("1m_upload", "nginx", "mb_per_s_up"),
+            1.0,
+            "ge",
+            proxy_cpu_us_per_request=cpu("1m_upload"),
+        ),
+        Target(
+            "per_core_new_conn_vs_node",
+            "1 KiB new connection per request: proxy / Node",
+            vs("1k_new_conn", "node", "rps"),
+            1.0,
+            "ge",
+            proxy_cpu_us_per_request=cpu("1k_new_conn"),
+        ),
+    ]
+
+
+def compute_targets(scenarios: list[dict]) -> list[Target]:
+    value = _lookup(scenarios)
     return [
         Target(
             "rps_vs_node",
@@ -232,7 +414,7 @@ def compute_targets(scenarios: list[dict]) -> list[Target]:
 def format_table(scenarios: list[dict]) -> str:
     head = (
         f"{'scenario':<42} {'server':<18} {'req/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'errors':>7} {'x proxy':>8} {'p99 x proxy':>11}"
+        f"{'errors':>7} {'x proxy':>8} {'p99 x proxy':>11} {'CPU µs/req':>10}"
     )
     lines = [head, "-" * len(head)]
     for scenario in scenarios:
@@ -244,23 +426,26 @@ def format_table(scenarios: list[dict]) -> str:
             ratio = _ratio(r[metric], base[metric]) if base else None
             p99_ratio = _ratio(r["latency_us"]["p99"], base["latency_us"]["p99"]) if base else None
             title = scenario["title"] if i == 0 else ""
+            cpu = r.get("cpu_us_per_request")
             lines.append(
                 f"{title:<42} {SERVERS[key]:<18} {r['rps']:>9.0f} {mb:>8.1f} "
                 f"{r['latency_us']['p50'] / 1000:>8.2f} {r['latency_us']['p99'] / 1000:>8.2f} "
                 f"{r['errors_total']:>7} {'-' if ratio is None else f'{ratio:.2f}':>8} "
-                f"{'-' if p99_ratio is None else f'{p99_ratio:.2f}':>11}"
+                f"{'-' if p99_ratio is None else f'{p99_ratio:.2f}':>11} "
+                f"{'-' if cpu is None else f'{cpu:.0f}':>10}"
             )
         lines.append("")
     return "\n".join(lines)
 
 
-def draw_chart(data: dict, path: Path) -> None:
+def draw_chart(section: dict, meta: dict, path: Path) -> None:
+    """One mode's bar charts; ``section`` is that mode's part of the JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scenarios = data["scenarios"]
+    scenarios = section["scenarios"]
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
     colours = {"proxy": "#d62728", "node": "#2ca02c", "wsgiproxy2": "#9467bd", "nginx": "#1f77b4", "origin": "#7f7f7f"}
     for ax, scenario in zip(axes.flat, scenarios, strict=False):
@@ -287,9 +472,9 @@ def draw_chart(data: dict, path: Path) -> None:
         ax.legend()
     for extra in list(axes.flat)[len(scenarios) + (1 if latency else 0) :]:
         extra.axis("off")
-    meta = data["meta"]
     fig.suptitle(
-        f"edge proxy benchmark {meta['date']} ({meta['versions']['cpus']} CPUs, {meta['duration_s']} s per run"
+        f"edge proxy benchmark {meta['date']}, {section['settings']['title']} "
+        f"({meta['versions']['cpus']} CPUs, {meta['duration_s']} s per run"
         f"{', QUICK SMOKE RUN: numbers meaningless' if meta['quick'] else ''})",
         fontsize=12,
     )
@@ -298,63 +483,139 @@ def draw_chart(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_mode(args: argparse.Namespace, mode: Mode) -> tuple[dict, list[Target]]:
+    """Start the servers for ``mode``, measure every scenario, stop them:
+    that mode's part of the JSON, and its targets."""
+    services = harness.Services(args.proxy_python)
+    try:
+        servers = start_servers(services, args, mode)
+        at_start = pinning(services, mode)
+        scenarios = run_all(args, servers, mode)
+        at_end = pinning(services, mode)  # workers still the pinned ones
+        access_lines = None
+        if "proxy" in servers:
+            access_log = services.tmp / "proxy" / "log" / "access.log"
+            access_lines = sum(1 for _ in access_log.open("rb")) if access_log.exists() else 0
+    finally:
+        services.cleanup(keep=args.keep_scratch)
+    wrk_cpus = sorted({r["wrk_cpus_allowed"] for s in scenarios for r in all_runs(s) if "wrk_cpus_allowed" in r})
+    targets = compute_per_core_targets(scenarios) if mode.pinned else compute_targets(scenarios)
+    section = {
+        "settings": {
+            "title": mode.title,
+            "proxy_workers": mode.proxy_workers,
+            "wsgiproxy2_workers": mode.proxy_workers,
+            "origin_workers": mode.origin_workers,
+            "wrk_threads": mode.wrk_threads,
+            "nginx_proxy_buffering": "on" if mode.nginx_response_buffering else "off",
+            "proxy_cpus": None if mode.proxy_cpus is None else harness.format_cpu_list(mode.proxy_cpus),
+            "load_cpus": None if mode.load_cpus is None else harness.format_cpu_list(mode.load_cpus),
+        },
+        "pinning": {"at_start": at_start, "at_end": at_end, "wrk_cpus_allowed": wrk_cpus},
+        "proxy_access_log_lines": access_lines,
+        "scenarios": scenarios,
+        "targets": [t.as_dict() for t in targets],
+    }
+    return section, targets
+
+
+def all_runs(scenario: dict) -> list[dict]:
+    return [run for result in scenario["results"].values() for run in result.get("runs", [result])]
+
+
+def format_pinning(section: dict) -> str:
+    """Which CPU each process got, as /proc/PID/status said during the run."""
+    lines = ["Pinning (Cpus_allowed_list from /proc/PID/status, read after start-up and after the last run):"]
+    for key, processes in section["pinning"]["at_end"].items():
+        listed = ", ".join(f"{p['process']} {p['pid']}: CPU {p['cpus_allowed']}" for p in processes)
+        lines.append(f"  {SERVERS.get(key, key):<18} {listed}")
+    wrk_cpus = ", ".join(section["pinning"]["wrk_cpus_allowed"]) or "?"
+    lines.append(f"  {'wrk -t1':<18} CPU {wrk_cpus} (every run)")
+    return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def print_section(section: dict, targets: list[Target], meta: dict, args: argparse.Namespace) -> None:
+    settings = section["settings"]
+    print()
+    print(
+        f"== {settings['title']}: {meta['duration_s']} s per run, proxy and WSGIProxy2 with "
+        f"{_count(settings['proxy_workers'], 'worker')}, Node 1 process, nginx proxy 1 worker (proxy_buffering "
+        f"{settings['nginx_proxy_buffering']}), origin {_count(settings['origin_workers'], 'worker')}, "
+        f"wrk -t{settings['wrk_threads']}" + ("  [QUICK SMOKE RUN: numbers are meaningless]" if args.quick else "")
+    )
+    if settings["proxy_cpus"] is not None:
+        print(f"proxies pinned to CPU {settings['proxy_cpus']}; wrk and the origin to CPU {settings['load_cpus']}")
+        print(format_pinning(section))
+    print("x proxy = this row's req/s (MB/s for the 1 MiB rows) / the proxy's; p99 x proxy likewise for p99")
+    print("CPU µs/req = the workers' utime+stime during the measured run / the requests wrk completed")
+    print("rows of scenarios run in several rounds show the median of each number\n")
+    print(format_table(section["scenarios"]))
+    print(f"Targets ({settings['title']}, ratios measured in this run):")
+    for target in targets:
+        print(target_line(target))
+    if section["proxy_access_log_lines"] is not None:
+        print(f"\nproxy access log: {section['proxy_access_log_lines']} lines written during the run")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if not args.no_install:
         harness.install_everything(args.proxy_python)
     harness.reexec_in_bench_venv()
     harness.raise_nofile()
-    services = harness.Services(args.proxy_python)
     started_at = time.time()
-    try:
-        servers = start_servers(services, args)
-        scenarios = run_all(args, servers)
-        proxy = servers.get("proxy")
-        access_lines = None
-        if proxy is not None:
-            access_log = services.tmp / "proxy" / "log" / "access.log"
-            access_lines = sum(1 for _ in access_log.open("rb")) if access_log.exists() else 0
-    finally:
-        services.cleanup(keep=args.keep_scratch)
+    layout = harness.per_core_layout()
+    modes: list[Mode] = []
+    skipped = None
+    if args.mode in ("per-core", "both"):
+        if layout is None:
+            skipped = f"per-core mode needs 2 CPUs, this process may use {harness.cpus()}: skipped"
+            log(skipped)
+        else:
+            modes.append(per_core_mode(layout))
+    if args.mode in ("all-cores", "both"):
+        modes.append(all_cores_mode(args))
+    measured = {mode.key: run_mode(args, mode) for mode in modes}
 
-    targets = compute_targets(scenarios)
-    data = {
-        "meta": {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started_at)),
-            "elapsed_s": round(time.time() - started_at, 1),
-            "quick": args.quick,
-            "duration_s": args.duration,
-            "warmup_s": args.warmup,
-            "proxy_workers": args.workers,
-            "origin_workers": args.origin_workers,
-            "wrk_threads": args.threads,
-            "proxy_access_log_lines": access_lines,
-            "versions": harness.versions(args.proxy_python),
-        },
-        "scenarios": scenarios,
-        "targets": [t.as_dict() for t in targets],
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started_at)),
+        "elapsed_s": round(time.time() - started_at, 1),
+        "mode": args.mode,
+        "quick": args.quick,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "machine": harness.machine(),
+        "per_core_skipped": skipped,
+        "smt_siblings": layout.smt_siblings if layout else None,
+        "versions": harness.versions(args.proxy_python),
     }
+    data = {"meta": meta, **{key: section for key, (section, _) in measured.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")
-    png = args.out.with_suffix(".png")
-    draw_chart(data, png)
+    charts = []
+    for key, section in data.items():
+        if key != "meta":
+            charts.append(args.out.with_name(f"{args.out.stem}-{key.replace('_', '-')}.png"))
+            draw_chart(section, meta, charts[-1])
 
+    machine = meta["machine"]
     print()
     print(
-        f"edge proxy benchmark, {data['meta']['date']}: {args.duration} s per run, "
-        f"{args.workers} proxy workers, {harness.cpus()} CPUs, wrk -t{args.threads}"
-        + ("  [QUICK SMOKE RUN: numbers are meaningless]" if args.quick else "")
+        f"edge proxy benchmark, {meta['date']}, mode {args.mode}: {machine['cpu_model']}, {machine['kernel']}, "
+        f"{machine['cpus_online']} CPUs online (this run may use {machine['cpus_allowed']})"
     )
-    print("x proxy = this row's req/s (MB/s for the 1 MiB rows) / the proxy's; p99 x proxy likewise for p99")
-    print("rows of scenarios run in several rounds show the median of each number\n")
-    print(format_table(scenarios))
-    print("Targets (ratios measured in this run):")
-    for target in targets:
-        print(target_line(target))
-    if access_lines is not None:
-        print(f"\nproxy access log: {access_lines} lines written during the run")
-    print(f"results: {args.out}\nchart:   {png}")
-    if args.check and any(t.passed is False for t in targets):
+    if skipped:
+        print(skipped)
+    elif layout is not None and layout.smt_siblings and "per_core" in measured:
+        print("note: the two per-core CPUs are hyper-threads of one physical core")
+    for section, targets in measured.values():
+        print_section(section, targets, meta, args)
+    print(f"\nresults: {args.out}\ncharts:  {', '.join(str(c) for c in charts) or 'none'}")
+    if args.check and any(t.passed is False for _, targets in measured.values() for t in targets):
         return 1
     return 0
 
