@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -354,6 +355,9 @@ def main(argv: list[str]) -> int:
     if access_lines is not None:
         print(f"\nproxy access log: {access_lines} lines written during the run")
     print(f"results: {args.out}\nchart:   {png}")
+    # The response reader against h11, in-process (docs/architecture.md).
+    reader_compare = [str(args.proxy_python), str(Path(__file__).with_name("reader_compare.py"))]
+    subprocess.run(reader_compare + (["--quick"] if args.quick else []), check=False)
     if args.check and any(t.passed is False for t in targets):
         return 1
     return 0
