@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, cast
 
 import gevent
 from gunicorn.workers.base_async import ALREADY_HANDLED
@@ -96,9 +96,10 @@ def tunnel(
     response: Response,
     headers_out: list[Header],
     idle_timeout: float,
-) -> object:
+) -> Iterable[bytes]:
     """Send next-hop's 101 (``response``, on a dedicated connection) to the
-    client, then splice the two sockets until the tunnel ends."""
+    client, then splice the two sockets until the tunnel ends. Returns
+    Gunicorn's ALREADY_HANDLED: the response was written here."""
     client: socket.socket = environ["gunicorn.socket"]
     server = response.sock
     # The reader let no control character or line break into these.
@@ -144,7 +145,7 @@ def tunnel(
         record.log()
         raise
     _finish(record, client, response, counts, end)
-    return ALREADY_HANDLED
+    return cast("Iterable[bytes]", ALREADY_HANDLED)
 
 
 def _finish(record: TunnelRecord, client: socket.socket, response: Response, counts: list[int], end: str) -> None:
