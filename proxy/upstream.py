@@ -155,7 +155,7 @@ class Response:
             self._upstream.check_in(conn, self._dedicated, self._reader.reusable)
 
 
-def read_head(sock: socket.socket, reader: ResponseReader) -> Head:
+def _read_head(sock: socket.socket, reader: ResponseReader) -> Head:
     """Receive until the reader has the final answer's head."""
     while True:
         event = reader.next_event()
@@ -283,7 +283,7 @@ class Upstream:
                     send_body(sock, body, chunked)
                 phase = "answer"
                 reader = ResponseReader(method, upgrade)
-                head = read_head(sock, reader)
+                head = _read_head(sock, reader)
             except BaseException as exc:
                 self.check_in(conn, upgrade, reuse=False)
                 stale = isinstance(exc, _STALE)
