@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -615,6 +616,9 @@ def main(argv: list[str]) -> int:
     for section, targets in measured.values():
         print_section(section, targets, meta, args)
     print(f"\nresults: {args.out}\ncharts:  {', '.join(str(c) for c in charts) or 'none'}")
+    # The response reader against h11, in-process (docs/architecture.md).
+    reader_compare = [str(args.proxy_python), str(Path(__file__).with_name("reader_compare.py"))]
+    subprocess.run(reader_compare + (["--quick"] if args.quick else []), check=False)
     if args.check and any(t.passed is False for _, targets in measured.values() for t in targets):
         return 1
     return 0

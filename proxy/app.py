@@ -27,21 +27,12 @@ from . import logs
 from . import settings as settings_module
 from .config import HEALTHZ_PATH, ProxyConfig
 from .extension import ExtensionError, WSGIApp, wrap
-from .headers import downstream_response_headers, upstream_request_headers
+from .headers import downstream_response_headers, upstream_request_headers, upstream_target
 from .logs import access_log, access_logged, error_log, iso_time, write_access
-from .tunnel import ALREADY_HANDLED, is_upgrade, tunnel
-from .upstream import (
-    BLOCK_SIZE,
-    BodyTooLarge,
-    ClientBodyError,
-    RequestBody,
-    Response,
-    ResponseError,
-    Upstream,
-    UpstreamError,
-    request_body,
-    upstream_target,
-)
+from .request_body import BodyTooLarge, ClientBodyError, RequestBody, request_body
+from .sockets import BLOCK_SIZE
+from .tunnel import ALREADY_HANDLED, is_upgrade, tunnel, upgrade_request_headers
+from .upstream import Response, ResponseError, Upstream, UpstreamError
 
 StartResponse = Callable[..., Callable[[bytes], object]]
 
@@ -374,16 +365,18 @@ class Proxy:
     def forward(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         exchange: Exchange = environ["proxy.exchange"]
         config = self.config
-        if is_upgrade(environ):
-            return tunnel(self, environ, start_response, exchange)
-        headers = upstream_request_headers(environ, exchange.request_id)
+        upgrade = is_upgrade(environ)
+        if upgrade:
+            headers = upgrade_request_headers(environ, exchange.request_id)
+        else:
+            headers = upstream_request_headers(environ, exchange.request_id)
         if config.request_headers:
             headers = config.request_headers.apply(headers)
         body, chunked = request_body(environ, config.max_body_bytes)
         exchange.request_body = body
         try:
             response, timing = self.upstream.send(
-                environ["REQUEST_METHOD"], upstream_target(environ["RAW_URI"]), headers, body, chunked
+                environ["REQUEST_METHOD"], upstream_target(environ["RAW_URI"]), headers, body, chunked, upgrade
             )
         except (BodyTooLarge, ClientBodyError) as exc:
             return self.body_failed(environ, start_response, exc)
@@ -394,7 +387,8 @@ class Proxy:
         return self.answer(environ, start_response, response)
 
     def answer(self, environ: dict, start_response: StartResponse, response: Response) -> Iterable[bytes]:
-        """Relay next-hop's answer, or the configured error page in its place."""
+        """Relay next-hop's answer, or the configured error page in its
+        place; after a 101 (only an upgrade request can get one), the tunnel."""
         exchange: Exchange = environ["proxy.exchange"]
         head = response.head
         status = exchange.upstream_status = head.status
@@ -405,6 +399,8 @@ class Proxy:
         out = downstream_response_headers(head.headers, head.connection)
         if self.config.response_headers:
             out = self.config.response_headers.apply(out)
+        if status == 101:
+            return tunnel(environ, exchange, response, out, self.config.tunnel_idle_timeout)
         start_response(f"{status} {head.reason or _REASONS.get(status, '')}", out)
         return _Relay(response, exchange, environ)
 
@@ -464,7 +460,7 @@ class _Relay:
     def __iter__(self) -> Iterator[bytes]:
         read1 = self._response.read1
         try:
-            while chunk := read1(BLOCK_SIZE):
+            while chunk := read1():
                 yield chunk
         except (ResponseError, OSError) as exc:
             exchange = self._exchange

@@ -8,6 +8,7 @@ Everything else passes in order with every repeated value kept.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -134,6 +135,43 @@ def upstream_request_headers(
     if not has_request_id:
         out.append(("X-Request-Id", request_id))
     return out
+
+
+# -- the request line next-hop gets -------------------------------------------------------
+
+#: Tokens (RFC 9110 section 5.6.2), one a line: the method and field names.
+_TOKENS = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
+
+
+def upstream_target(raw_uri: str) -> str:
+    """The request target for next-hop, byte for byte; absolute-form
+    (``http://host/path``) is reduced to its path and query."""
+    if raw_uri.startswith("/") or raw_uri == "*":
+        return raw_uri
+    scheme, sep, rest = raw_uri.partition("://")
+    if sep and scheme.isalpha():
+        slash = rest.find("/")
+        query = rest.find("?")
+        if slash == -1 or (query != -1 and query < slash):
+            return "/" + rest[query:] if query != -1 else "/"
+        return rest[slash:]
+    return raw_uri
+
+
+def sendable_head(method: str, target: str, headers: list[Header], head: bytes) -> bool:
+    """Whether ``head``, the request line and field lines written from these,
+    reads as exactly them: a token for the method and each name, no space in
+    the target, and no CR, LF or NUL anywhere but the line ends. The fields
+    come from the WSGI environ, which user middleware may have changed; a
+    head failing this would make next-hop read a different request."""
+    lines = len(headers) + 2
+    return (
+        head.count(b"\n") == lines
+        and head.count(b"\r") == lines
+        and b"\0" not in head
+        and " " not in target
+        and _TOKENS.fullmatch("\n".join([method, *[n for n, _ in headers]])) is not None
+    )
 
 
 @functools.lru_cache(maxsize=64)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 
+__all__ = ["BLOCK_SIZE", "send_all"]
+
 #: Bytes read from a socket at a time, in both directions.
 BLOCK_SIZE = 64 * 1024
 

@@ -10,7 +10,9 @@ never one inside a request, so it does not cut tunnels.
 Life of a tunnel:
 
 1. The request goes to next-hop with ``Connection: Upgrade`` and its
-   ``Upgrade`` header (the one exception to hop-by-hop stripping).
+   ``Upgrade`` header (the one exception to hop-by-hop stripping), through
+   the same upstream client as any request (``Upstream.send``, with
+   ``upgrade``), so connect, send and failures (502/504) are handled alike.
 2. An answer other than 101 is relayed as an ordinary response and the
    dedicated connection is closed afterwards.
 3. On 101 the proxy writes the 101 head to the client itself, then copies
@@ -26,35 +28,36 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, cast
 
 import gevent
 from gunicorn.workers.base_async import ALREADY_HANDLED
 
-from .headers import Header, connection_tokens, downstream_response_headers, upstream_request_headers
+from .headers import Header, connection_tokens, upstream_request_headers
 from .logs import error_log
-from .upstream import (
-    BLOCK_SIZE,
-    BodyTooLarge,
-    ClientBodyError,
-    Response,
-    ResponseError,
-    UpstreamError,
-    read_response,
-    request_body,
-    request_head,
-    send_body,
-    upstream_target,
-)
+from .sockets import BLOCK_SIZE
+from .upstream import Response
 
-if TYPE_CHECKING:
-    from .app import Exchange, Proxy, StartResponse
-
-__all__ = ["ALREADY_HANDLED", "is_upgrade", "tunnel"]
+__all__ = ["ALREADY_HANDLED", "TunnelRecord", "is_upgrade", "tunnel", "upgrade_request_headers"]
 
 
-def is_upgrade(environ: dict) -> bool:
+class TunnelRecord(Protocol):
+    """What a tunnel notes in the request's access record (``app.Exchange``)."""
+
+    request_id: str
+    status: int
+    header_bytes: int
+    body_bytes: int
+    outcome: str
+    upstream_end: float | None
+    tunnel_bytes_up: int | None
+    tunnel_end: str | None
+
+    def log(self) -> None: ...
+
+
+def is_upgrade(environ: Mapping[str, Any]) -> bool:
     """An HTTP/1.1 request asking to switch protocols (RFC 9110 section 7.8;
     an HTTP/1.0 request's Upgrade is ignored). An offer of ``h2c`` is never
     tunnelled (it goes on as an ordinary request, without Upgrade): HTTP/2
@@ -69,19 +72,17 @@ def is_upgrade(environ: dict) -> bool:
     )
 
 
-def _upgrade_headers(environ: dict, request_id: str, proxy: Proxy) -> list[Header]:
+def upgrade_request_headers(environ: Mapping[str, Any], request_id: str) -> list[Header]:
     """The client's headers for next-hop, keeping Upgrade and exactly one
     ``Connection: Upgrade`` (the client's own Connection header may list
     other hop-by-hop tokens, such as keep-alive, that must not go on)."""
     headers = upstream_request_headers(environ, request_id, keep_upgrade=True)
     headers = [(name, value) for name, value in headers if name.lower() != "connection"]
     headers.append(("Connection", "Upgrade"))
-    if proxy.config.request_headers:
-        headers = proxy.config.request_headers.apply(headers)
     return headers
 
 
-def _client_unreader(environ: dict):
+def _client_unreader(environ: Mapping[str, Any]) -> Any:
     """Gunicorn's read buffer for the client connection: bytes the client
     sent right behind the upgrade request (pipelined) wait there."""
     reader = getattr(environ.get("wsgi.input"), "reader", None)
@@ -89,75 +90,19 @@ def _client_unreader(environ: dict):
     return unreader if callable(getattr(unreader, "take_buffered", None)) else None
 
 
-def tunnel(proxy: Proxy, environ: dict, start_response: StartResponse, exchange: Exchange) -> Iterable[bytes]:
-    """Forward an upgrade request; on 101, splice the two sockets together."""
-    upstream = proxy.upstream
-    method = environ["REQUEST_METHOD"]
-    body, chunked = request_body(environ, proxy.config.max_body_bytes)
-    exchange.request_body = body
-    try:
-        headers = _upgrade_headers(environ, exchange.request_id, proxy)
-        head = request_head(method, upstream_target(environ["RAW_URI"]), headers, chunked)
-    except UpstreamError as exc:
-        return proxy.upstream_failed(environ, start_response, exc)
-    started = time.perf_counter()
-    # A dedicated connection: never taken from, nor returned to, the pool.
-    try:
-        server = socket.create_connection((upstream.host, upstream.port), timeout=upstream.connect_timeout)
-    except socket.gaierror as exc:
-        return proxy.upstream_failed(environ, start_response, UpstreamError(502, f"cannot resolve next-hop: {exc}"))
-    except TimeoutError:
-        return proxy.upstream_failed(environ, start_response, UpstreamError(504, "connect to next-hop timed out"))
-    except OSError as exc:
-        return proxy.upstream_failed(
-            environ, start_response, UpstreamError(502, f"cannot connect to next-hop: {exc!r}")
-        )
-    exchange.connect_s = time.perf_counter() - started
-    try:
-        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        server.settimeout(upstream.read_timeout)
-        server.sendall(head)
-        if body is not None:
-            send_body(server, body, chunked)
-        response = read_response(server, method, upgrade=True)
-    except TimeoutError:
-        server.close()
-        return proxy.upstream_failed(
-            environ, start_response, UpstreamError(504, "next-hop did not answer the upgrade in time")
-        )
-    except (ClientBodyError, BodyTooLarge) as exc:
-        server.close()
-        return proxy.body_failed(environ, start_response, exc)
-    except (OSError, ResponseError) as exc:
-        server.close()
-        return proxy.upstream_failed(
-            environ, start_response, UpstreamError(502, f"upgrade to next-hop failed: {exc!r}")
-        )
-    except BaseException:
-        server.close()
-        raise
-    exchange.first_byte_s = time.perf_counter() - started
-    if response.status != 101:
-        # Declined: an ordinary answer; releasing it closes the connection.
-        return proxy.answer(environ, start_response, response)
-    exchange.upstream_status = 101
-    headers_out = downstream_response_headers(response.head.headers, response.head.connection)
-    if proxy.config.response_headers:
-        headers_out = proxy.config.response_headers.apply(headers_out)
-    return _run_tunnel(proxy, environ, exchange, response, headers_out)
-
-
-def _run_tunnel(
-    proxy: Proxy,
-    environ: dict,
-    exchange: Exchange,
+def tunnel(
+    environ: Mapping[str, Any],
+    record: TunnelRecord,
     response: Response,
     headers_out: list[Header],
-) -> object:
-    """Send the 101 to the client, then splice until the tunnel ends."""
+    idle_timeout: float,
+) -> Iterable[bytes]:
+    """Send next-hop's 101 (``response``, on a dedicated connection) to the
+    client, then splice the two sockets until the tunnel ends. Returns
+    Gunicorn's ALREADY_HANDLED: the response was written here."""
     client: socket.socket = environ["gunicorn.socket"]
     server = response.sock
-    # parse_head let no control character or line break into these.
+    # The reader let no control character or line break into these.
     upgrade = response.head.header("Upgrade") or environ["HTTP_UPGRADE"]
     head = [
         f"HTTP/1.1 101 {response.head.reason or 'Switching Protocols'}\r\n",
@@ -167,8 +112,8 @@ def _run_tunnel(
     head.extend(f"{name}: {value}\r\n" for name, value in headers_out)
     head.append("\r\n")
     head_bytes = "".join(head).encode("latin-1", "replace")
-    exchange.status = 101
-    exchange.header_bytes = len(head_bytes)
+    record.status = 101
+    record.header_bytes = len(head_bytes)
     counts = [0, 0]
     end = "error"
     try:
@@ -185,30 +130,30 @@ def _run_tunnel(
         if early:
             server.sendall(early)
             counts[0] += len(early)
-        end = _splice(client, server, proxy.config.tunnel_idle_timeout, counts)
+        end = _splice(client, server, idle_timeout, counts)
     except OSError:
         end = "client_closed"  # the 101 (or the early bytes) could not be written
     except Exception:
-        exchange.outcome = "error"
-        error_log.exception("tunnel %s failed", environ.get("RAW_URI"), extra={"request_id": exchange.request_id})
+        record.outcome = "error"
+        error_log.exception("tunnel %s failed", environ.get("RAW_URI"), extra={"request_id": record.request_id})
     except BaseException:
         # GreenletExit: the worker's graceful timeout ran out (or it is
         # being killed). The access line is still owed; write it here, as
         # the exception skips the app's own logging.
         end = "shutdown"
-        _finish(exchange, client, server, counts, end)
-        exchange.log()
+        _finish(record, client, response, counts, end)
+        record.log()
         raise
-    _finish(exchange, client, server, counts, end)
-    return ALREADY_HANDLED
+    _finish(record, client, response, counts, end)
+    return cast("Iterable[bytes]", ALREADY_HANDLED)
 
 
-def _finish(exchange: Exchange, client: socket.socket, server: socket.socket, counts: list[int], end: str) -> None:
-    exchange.upstream_end = time.perf_counter()
-    exchange.tunnel_bytes_up = counts[0]
-    exchange.body_bytes = counts[1]
-    exchange.tunnel_end = end
-    server.close()
+def _finish(record: TunnelRecord, client: socket.socket, response: Response, counts: list[int], end: str) -> None:
+    record.upstream_end = time.perf_counter()
+    record.tunnel_bytes_up = counts[0]
+    record.body_bytes = counts[1]
+    record.tunnel_end = end
+    response.release()  # a dedicated connection: closed
     # Gunicorn closes the descriptor when this request returns; shutting it
     # down here also ends its wait for a next request on it at once.
     try:
