@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ALREADY_HANDLED", "is_upgrade", "tunnel"]
 
+#: Seconds the two halves of a closing tunnel get to stop.
+SPLICE_STOP_WAIT = 1.0
+
 
 def is_upgrade(environ: dict) -> bool:
     """An HTTP/1.1 request asking to switch protocols (RFC 9110 section 7.8;
@@ -93,7 +96,7 @@ def tunnel(proxy: Proxy, environ: dict, start_response: StartResponse, exchange:
     """Forward an upgrade request; on 101, splice the two sockets together."""
     upstream = proxy.upstream
     method = environ["REQUEST_METHOD"]
-    body, chunked = request_body(environ, proxy.config.max_body_bytes)
+    body, chunked = request_body(environ, proxy.config.upstream.max_body_bytes)
     exchange.request_body = body
     try:
         headers = _upgrade_headers(environ, exchange.request_id, proxy)
@@ -185,7 +188,7 @@ def _run_tunnel(
         if early:
             server.sendall(early)
             counts[0] += len(early)
-        end = _splice(client, server, proxy.config.tunnel_idle_timeout, counts)
+        end = _splice(client, server, proxy.config.tunnel.idle_timeout, counts)
     except OSError:
         end = "client_closed"  # the 101 (or the early bytes) could not be written
     except Exception:
@@ -264,4 +267,4 @@ def _splice(client: socket.socket, server: socket.socket, idle_timeout: float, c
             if downward.ready():
                 return "upstream_closed"
     finally:
-        gevent.killall([upward, downward], block=True, timeout=1)
+        gevent.killall([upward, downward], block=True, timeout=SPLICE_STOP_WAIT)
