@@ -503,8 +503,8 @@ deny = ["203.0.113.66"]
         {},
         """\
 Custom bodies for **502**, **503** and **504**, from files in the
-configuration directory: `502`, `503`, `504` = a file path relative to the
-configuration directory, the body sent with that status.
+configuration directory: each key is a status, its value the file sent as
+the body of answers with that status.
 
 - **Which answers get the page: every 502, 503 and 504 the client would
   get**, whoever produced it: the proxy's own (next-hop unreachable: 502;
