@@ -49,7 +49,7 @@ def _variable(name: str) -> settings.Variable:
 
 
 def _graceful() -> int:
-    return int(_variable("PROXY_GRACEFUL_TIMEOUT").kind.from_text(str(_variable("PROXY_GRACEFUL_TIMEOUT").default)))
+    return settings.from_environ({}).graceful_timeout
 
 
 def _setting(table: str, name: str) -> Setting[Any]:
