@@ -596,9 +596,7 @@ middleware = "site_middleware:wrap"
 
 def defaults() -> ProxyConfig:
     """The configuration of an empty directory: plain pass-through."""
-    return ProxyConfig(
-        **{e.name: e.defaults() if isinstance(e, Table) else e.default for e in SCHEMA}  # type: ignore[arg-type]
-    )
+    return ProxyConfig(**{e.name: e.defaults() if isinstance(e, Table) else e.default for e in SCHEMA})
 
 
 # -- loading ------------------------------------------------------------------------------------

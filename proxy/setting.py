@@ -14,7 +14,7 @@ through the ``Problems`` they are given, so every problem is listed at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -197,7 +197,7 @@ class OneOf(Kind[Any]):
         return self._alternatives(f"`{toml_literal(v)}`" for v in self.values)
 
     @staticmethod
-    def _alternatives(shown: Any) -> str:
+    def _alternatives(shown: Iterable[str]) -> str:
         items = list(shown)
         return ", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else items[0]
 
