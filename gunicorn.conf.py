@@ -30,12 +30,10 @@ worker_class = "proxy.worker.ProxyWorker"
 bind = [f"0.0.0.0:{_settings.port}"]
 workers = _settings.workers
 worker_connections = proxy_settings.WORKER_CONNECTIONS
-backlog = 4096
-keepalive = proxy_settings.KEEPALIVE_TIMEOUT
-graceful_timeout = proxy_settings.GRACEFUL_TIMEOUT
-# The master kills a worker that stops heart-beating this long; gevent
-# workers heart-beat from their own greenlet, so long requests are fine.
-timeout = 30
+backlog = proxy_settings.BACKLOG
+keepalive = _settings.keepalive_timeout
+graceful_timeout = _settings.graceful_timeout
+timeout = _settings.worker_timeout
 pidfile = str(_settings.pidfile)
 proc_name = "edge-proxy"
 

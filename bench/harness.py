@@ -589,7 +589,7 @@ class Services:
             "BENCH_PORT": str(port),
             "BENCH_WORKERS": str(workers),
             "BENCH_WORKER_CONNECTIONS": str(proxy_settings.WORKER_CONNECTIONS),
-            "BENCH_KEEPALIVE": str(proxy_settings.KEEPALIVE_TIMEOUT),
+            "BENCH_KEEPALIVE": str(proxy_settings.from_environ({}).keepalive_timeout),
         }
         cmd = [str(BENCH_PY), "-m", "gunicorn", "-c", str(BENCH / "wsgiproxy_conf.py")]
         server = self._spawn("wsgiproxy2", port, cmd, signal.SIGTERM, cpus=cpus, cwd=BENCH, env=env)

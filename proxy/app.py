@@ -332,21 +332,22 @@ class Proxy:
         if raw_uri.startswith(HEALTHZ_PATH) and raw_uri[len(HEALTHZ_PATH) : len(HEALTHZ_PATH) + 1] in ("", "?"):
             return self.forward(environ, start_response)
         config = self.config
-        if config.https_redirect and environ.get("HTTP_X_FORWARDED_PROTO", "").lower() != "https":
+        if config.https_redirect.enabled and environ.get("HTTP_X_FORWARDED_PROTO", "").lower() != "https":
             target = upstream_target(raw_uri)
-            if not target.startswith(config.redirect_exempt or "\0"):
+            if not target.startswith(config.https_redirect.exempt_paths or "\0"):
                 host = environ.get("HTTP_HOST", "")
                 if host:
                     return respond(
-                        start_response, config.https_redirect, headers=[("Location", f"https://{host}{target}")]
+                        start_response, config.https_redirect.status, headers=[("Location", f"https://{host}{target}")]
                     )
-        if config.allow or config.deny:
+        access = config.access_control
+        if access.allow or access.deny:
             ip = _client_ip(environ)
-            if (ip is not None and any(ip in net for net in config.deny)) or (
-                config.allow and (ip is None or not any(ip in net for net in config.allow))
+            if (ip is not None and any(ip in net for net in access.deny)) or (
+                access.allow and (ip is None or not any(ip in net for net in access.allow))
             ):
                 return respond(start_response, 403)
-        limit = config.max_body_bytes
+        limit = config.upstream.max_body_bytes
         if limit is not None and environ.get("CONTENT_LENGTH") and int(environ["CONTENT_LENGTH"]) > limit:
             return self.too_large(environ, start_response)
         return self.user_app(environ, start_response)
@@ -372,7 +373,7 @@ class Proxy:
             headers = upstream_request_headers(environ, exchange.request_id)
         if config.request_headers:
             headers = config.request_headers.apply(headers)
-        body, chunked = request_body(environ, config.max_body_bytes)
+        body, chunked = request_body(environ, config.upstream.max_body_bytes)
         exchange.request_body = body
         try:
             response, timing = self.upstream.send(
@@ -400,7 +401,7 @@ class Proxy:
         if self.config.response_headers:
             out = self.config.response_headers.apply(out)
         if status == 101:
-            return tunnel(environ, exchange, response, out, self.config.tunnel_idle_timeout)
+            return tunnel(environ, exchange, response, out, self.config.tunnel.idle_timeout)
         start_response(f"{status} {head.reason or _REASONS.get(status, '')}", out)
         return _Relay(response, exchange, environ)
 
@@ -495,8 +496,8 @@ def create_app() -> Proxy:
     upstream = Upstream(
         settings.next_hop_host,
         settings.next_hop_port,
-        connect_timeout=config.connect_timeout,
-        read_timeout=config.read_timeout,
+        connect_timeout=config.upstream.connect_timeout,
+        read_timeout=config.upstream.read_timeout,
         maxsize=settings_module.WORKER_CONNECTIONS,
     )
     return Proxy(config, upstream)

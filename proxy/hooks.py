@@ -18,9 +18,19 @@ import time
 from pathlib import Path
 
 from . import config
-from .settings import GRACEFUL_TIMEOUT, Settings, SettingsError, from_environ
+from .settings import Settings, SettingsError, from_environ
 
 LOGROTATE_TEMPLATE = Path(__file__).with_name("logrotate.conf")
+
+#: Seconds update.sh waits for the master to fork the new workers.
+NEW_WORKERS_TIMEOUT = 60.0
+#: update.sh waits for the old workers this much longer than the graceful
+#: timeout (they may be slow to exit once it ran out).
+DRAIN_MARGIN = 10
+#: Seconds logrotate.sh waits for every process to reopen its log files,
+#: signalling again a process still holding a rotated one after REOPEN_RESEND.
+REOPEN_TIMEOUT = 10.0
+REOPEN_RESEND = 1.0
 
 
 class HookError(Exception):
@@ -86,7 +96,7 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def reload(settings: Settings, timeout: float = 60.0, drain_timeout: float = GRACEFUL_TIMEOUT + 10) -> None:
+def reload(settings: Settings, timeout: float = NEW_WORKERS_TIMEOUT, drain_timeout: float | None = None) -> None:
     """SIGHUP the master; return once the new generation of workers runs and
     the old one has exited.
 
@@ -98,6 +108,8 @@ def reload(settings: Settings, timeout: float = 60.0, drain_timeout: float = GRA
     Old workers still busy after ``drain_timeout`` (long downloads, tunnels)
     are Gunicorn's to stop at its graceful timeout; that is not a failure.
     """
+    if drain_timeout is None:
+        drain_timeout = settings.graceful_timeout + DRAIN_MARGIN
     master = running_master(settings)
     if master is None:
         print("proxy not running: the configuration will be read when it starts")
@@ -170,18 +182,18 @@ def _open_by(pids: set[int], files: set[FileId]) -> set[int]:
     return holders
 
 
-def reopen_logs(master: int, rotated: set[FileId], timeout: float = 10.0) -> None:
+def reopen_logs(master: int, rotated: set[FileId], timeout: float = REOPEN_TIMEOUT) -> None:
     """SIGUSR1 the master (it reopens its files, then SIGUSR1s each worker to
     reopen theirs) and return once no process of the proxy holds a rotated
     file any more: after this returns nothing is written to those files.
 
-    A process still holding one a second later is signalled again, directly
+    A process still holding one REOPEN_RESEND later is signalled again, directly
     (a worker forked just before the master reopened has the old files and
     may have missed the master's signal while it was booting).
     """
     os.kill(master, signal.SIGUSR1)
     deadline = time.monotonic() + timeout
-    resend = time.monotonic() + 1.0
+    resend = time.monotonic() + REOPEN_RESEND
     while True:
         if not _is_gunicorn(master):
             raise HookError(f"proxy master {master} exited while reopening its log files")
@@ -200,7 +212,7 @@ def reopen_logs(master: int, rotated: set[FileId], timeout: float = 10.0) -> Non
                     os.kill(pid, signal.SIGUSR1)
                 except ProcessLookupError:
                     pass
-            resend = now + 1.0
+            resend = now + REOPEN_RESEND
         time.sleep(0.02)
 
 

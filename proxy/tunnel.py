@@ -41,6 +41,9 @@ from .upstream import Response
 
 __all__ = ["ALREADY_HANDLED", "TunnelRecord", "is_upgrade", "tunnel", "upgrade_request_headers"]
 
+#: Seconds the two halves of a closing tunnel get to stop.
+SPLICE_STOP_WAIT = 1.0
+
 
 class TunnelRecord(Protocol):
     """What a tunnel notes in the request's access record (``app.Exchange``)."""
@@ -209,4 +212,4 @@ def _splice(client: socket.socket, server: socket.socket, idle_timeout: float, c
             if downward.ready():
                 return "upstream_closed"
     finally:
-        gevent.killall([upward, downward], block=True, timeout=1)
+        gevent.killall([upward, downward], block=True, timeout=SPLICE_STOP_WAIT)

@@ -39,6 +39,15 @@ from .sockets import BLOCK_SIZE, send_all
 
 #: After shutdown starts, a keep-alive connection idle this long is closed.
 SHUTDOWN_IDLE_GRACE = 1.0
+#: What is still running this long before the master's graceful deadline is
+#: cut (so it ends through its own cleanup and logs), at the latest
+#: SHUTDOWN_CUT_MIN after shutdown started; SHUTDOWN_CUT_WAIT is how long the
+#: cut requests get to finish their cleanup.
+SHUTDOWN_CUT_MARGIN = 1.0
+SHUTDOWN_CUT_MIN = 0.5
+SHUTDOWN_CUT_WAIT = 0.5
+#: How often the shutdown watcher looks at the connections.
+SHUTDOWN_POLL_S = 0.25
 
 #: Each request first sleeps this long, which puts it behind the work the
 #: event loop already has ready. gevent reads without yielding when data is
@@ -334,10 +343,10 @@ class ProxyWorker(GeventWorker):
         is still running (long downloads, tunnels) so that each one ends
         through its own cleanup and writes its access line."""
         while self.alive:
-            gevent.sleep(0.25)
+            gevent.sleep(SHUTDOWN_POLL_S)
         self.share.leave()
         stopping_since = time.monotonic()
-        deadline = stopping_since + max(self.cfg.graceful_timeout - 1.0, 0.5)
+        deadline = stopping_since + max(self.cfg.graceful_timeout - SHUTDOWN_CUT_MARGIN, SHUTDOWN_CUT_MIN)
         while time.monotonic() < deadline:
             now = time.monotonic()
             for greenlet, since in list(self.idle.items()):
@@ -346,8 +355,8 @@ class ProxyWorker(GeventWorker):
                     client = self.clients.get(greenlet)
                     if client is not None:
                         _wake_with_eof(client)
-            gevent.sleep(0.25)
-        gevent.killall(list(self.clients), block=True, timeout=0.5)
+            gevent.sleep(SHUTDOWN_POLL_S)
+        gevent.killall(list(self.clients), block=True, timeout=SHUTDOWN_CUT_WAIT)
 
 
 def _wake_with_eof(client: socket.socket) -> None:

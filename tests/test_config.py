@@ -754,3 +754,147 @@ def test_upgrade_tunnel_through_the_middleware_and_header_rules(make_proxy):
         assert "middleware mw:factory raised" not in proxy.error_log()
     finally:
         upgrade_origin.stop()
+
+
+# -- the declarations: pure, no sockets --------------------------------------------------------
+
+
+def test_docs_are_generated_from_the_declarations():
+    """docs/configuration.md and the README's Environment and Timeouts tables
+    are what ``python -m proxy.config_docs --write`` makes of the tables."""
+    from proxy import config_docs
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == config_docs.configuration_md()
+    readme = (ROOT / "README.md").read_text()
+    assert config_docs.update_readme(readme) == readme
+    for table in (config_docs.environment_table(), config_docs.timeouts_table()):
+        assert table in readme
+    assert config_docs.main(["--check"]) == 0
+
+
+def test_every_declared_timeout_is_documented_with_its_value():
+    from proxy import config, config_docs, settings
+    from proxy.setting import Seconds, Table
+
+    timeouts = config_docs.timeouts_table()
+    for entry in config.SCHEMA:
+        for setting in entry.settings if isinstance(entry, Table) else (entry,):
+            if isinstance(setting.kind, Seconds):
+                assert setting.summary, setting.name
+                assert f"| {setting.summary} | {setting.default:g} s | `[{entry.name}] {setting.name}`" in timeouts
+    for variable in settings.VARIABLES:
+        if isinstance(variable.kind, Seconds):
+            assert f"| {variable.summary} | {variable.default} s | `{variable.name}` |" in timeouts
+    for module, name, _ in config_docs.FIXED_TIMEOUTS:
+        assert f"`{name}` in `{module.replace('.', '/')}.py`" in timeouts
+
+
+def test_no_timeout_is_a_bare_number_outside_its_declaration():
+    """gunicorn.conf.py takes every Gunicorn timeout from the settings."""
+    import re
+
+    conf = (ROOT / "gunicorn.conf.py").read_text()
+    for name in ("keepalive", "graceful_timeout", "timeout", "backlog", "worker_connections"):
+        [line] = re.findall(rf"^{name} = (.*)$", conf, re.M)
+        assert not re.search(r"\d", line), (name, line)
+
+
+def test_typed_config_mirrors_the_schema(tmp_path):
+    """One field per TOML key, named as the key; an empty directory gives
+    the declared defaults."""
+    from dataclasses import fields
+
+    from proxy import config, settings
+    from proxy.setting import Table
+
+    assert [f.name for f in fields(config.ProxyConfig)] == [entry.name for entry in config.SCHEMA]
+    for entry in config.SCHEMA:
+        if isinstance(entry, Table):
+            assert [f.name for f in fields(entry.cls) if f.init] == [s.name for s in entry.settings]
+    assert [f.name for f in fields(settings.Settings)] == [v.field for v in settings.VARIABLES]
+    loaded = config.load(tmp_path)
+    assert loaded == config.defaults()
+    assert (loaded.upstream.connect_timeout, loaded.upstream.read_timeout) == (5.0, 60.0)
+    assert loaded.upstream.max_body_bytes is None and loaded.tunnel.idle_timeout == 3600.0
+    assert (loaded.https_redirect.enabled, loaded.https_redirect.status) == (False, 301)
+    (tmp_path / "proxy.toml").write_text(
+        "[upstream]\nconnect_timeout = 2\nmax_body_bytes = 10_485_760\n[tunnel]\nidle_timeout = 0.5\n"
+        '[https_redirect]\nenabled = true\nstatus = 308\nexempt_paths = ["/a"]\n'
+        '[access_control]\ndeny = ["10.0.0.0/8"]\n[response_headers]\nremove = ["X-A"]\n'
+    )
+    loaded = config.load(tmp_path)
+    assert loaded.upstream == config.Upstream(connect_timeout=2.0, read_timeout=60.0, max_body_bytes=10_485_760)
+    assert loaded.tunnel.idle_timeout == 0.5
+    assert loaded.https_redirect == config.HttpsRedirect(enabled=True, status=308, exempt_paths=("/a",))
+    assert [str(n) for n in loaded.access_control.deny] == ["10.0.0.0/8"]
+    assert loaded.response_headers.remove == frozenset({"x-a"})
+
+
+def test_environment_settings():
+    from pathlib import Path
+
+    from proxy.settings import SettingsError, from_environ
+
+    default = from_environ({})
+    assert (default.port, default.next_hop_host, default.next_hop_port) == (80, "next-hop", 80)
+    assert default.log_target == "stdout"  # the newer platform's default
+    assert (default.log_format, default.access_log_enabled) == ("json", True)
+    assert (default.keepalive_timeout, default.graceful_timeout, default.worker_timeout) == (75, 30, 30)
+    assert default.config_dir == Path("/opt/proxy_config") and default.workers >= 1
+    got = from_environ(
+        {
+            "PORT": " 8080 ",
+            "NEXT_HOP": "[::1]:81",
+            "PROXY_LOG_TARGET": "FILE",
+            "PROXY_ACCESS_LOG": "off",
+            "PROXY_GRACEFUL_TIMEOUT": "5",
+            "PROXY_LOG_DIR": "",
+        }
+    )
+    assert (got.port, got.next_hop, got.log_target, got.access_log_enabled) == (8080, ("::1", 81), "file", False)
+    assert got.graceful_timeout == 5 and got.log_dir == Path("/var/log/proxy")
+    for env, message in [
+        ({"PORT": "x"}, "PORT='x': not an integer"),
+        ({"PORT": "0"}, "PORT='0': must be between 1 and 65535"),
+        ({"NEXT_HOP": "host:"}, "NEXT_HOP='host:': expected host:port"),
+        ({"NEXT_HOP": "[::1]x"}, "NEXT_HOP='[::1]x': expected [address]:port"),
+        ({"PROXY_LOG_TARGET": "syslog"}, "PROXY_LOG_TARGET='syslog': must be stdout or file"),
+        ({"PROXY_ACCESS_LOG": "yes"}, "PROXY_ACCESS_LOG='yes': must be on or off"),
+        ({"PROXY_KEEPALIVE_TIMEOUT": "1.5"}, "PROXY_KEEPALIVE_TIMEOUT='1.5': not a whole number of seconds"),
+        ({"PROXY_WORKER_TIMEOUT": "0"}, "PROXY_WORKER_TIMEOUT='0': must be a whole number from 1 to 3600"),
+    ]:
+        with pytest.raises(SettingsError) as raised:
+            from_environ(env)
+        assert str(raised.value).startswith(message), (env, str(raised.value))
+
+
+@pytest.mark.parametrize(
+    "kind, value, expected",
+    [
+        ("seconds", 2, 2.0),
+        ("seconds", 0.5, 0.5),
+        ("seconds", True, "must be a number from 0.001 to 60, got True"),
+        ("seconds", 61, "must be a number from 0.001 to 60, got 61"),
+        ("bytes", 1 << 30, 1 << 30),
+        ("bytes", 1.0, "must be a whole number of bytes (0 or more), got 1.0"),
+        ("bytes", False, "must be a whole number of bytes (0 or more), got False"),
+        ("boolean", True, True),
+        ("boolean", 1, "must be true or false, got 1"),
+        ("strings", ["a", "b"], ("a", "b")),
+        ("strings", ["a", 1], "must be a list of names"),
+        ("strings", "a", "must be a list of names"),
+    ],
+)
+def test_value_kinds(kind, value, expected):
+    """The kinds a later table (a cache: enabled, max_size, windows, bypass
+    lists) is declared with."""
+    from proxy.setting import Boolean, Bytes, Invalid, Seconds, Strings
+
+    kinds = {"seconds": Seconds(0.001, 60), "bytes": Bytes(), "boolean": Boolean(), "strings": Strings("names")}
+    if isinstance(expected, str):
+        with pytest.raises(Invalid) as raised:
+            kinds[kind].convert(value)
+        assert raised.value.reason == expected
+    else:
+        got = kinds[kind].convert(value)
+        assert got == expected and type(got) is type(expected)
