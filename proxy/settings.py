@@ -22,7 +22,7 @@ GRACEFUL_TIMEOUT = 30
 #: Concurrent client connections per worker (each one is a greenlet).
 WORKER_CONNECTIONS = 10_000
 
-LOG_TARGETS = ("file", "stdout")
+LOG_TARGETS = ("stdout", "file")
 LOG_FORMATS = ("json", "ltsv")
 
 
