@@ -89,7 +89,7 @@ def on_starting(server) -> None:
     the configuration is invalid; then make the table the workers share
     (before the first fork)."""
     try:
-        internals.check()
+        internals.check(internals.BEFORE_PATCHING)
     except internals.InternalsError as exc:
         error_log.error("not starting: %s", exc)
         raise SystemExit(1) from None

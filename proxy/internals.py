@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gevent import socket as gevent_socket
 from gevent.hub import Hub
@@ -32,10 +32,14 @@ from gunicorn.glogging import Logger as _GunicornLogger
 from gunicorn.http import unreader as _unreader
 from gunicorn.http import wsgi as _wsgi
 from gunicorn.workers import ggevent as _ggevent
-from urllib3 import HTTPConnectionPool
-from urllib3.connection import HTTPConnection
+
+if TYPE_CHECKING:
+    from urllib3 import HTTPConnectionPool
+    from urllib3.connection import HTTPConnection
 
 __all__ = [
+    "AFTER_PATCHING",
+    "BEFORE_PATCHING",
     "PIECES",
     "AcceptServer",
     "Attribute",
@@ -191,6 +195,7 @@ PIECES: tuple[Piece, ...] = (
     Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.handle_request", Method(5), "fair yield"),
     Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.handle_error", Method(5), "rejected requests"),
     Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.run", Method(1), "gc.freeze, idle closer"),
+    Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.load_wsgi", Method(1), "urllib3 checked"),
     # gevent: the accept loop's pause, the raw socket, the hub's error printing.
     Piece("gevent", "gevent.server", "StreamServer._do_read", Method(1), "accepting paused while over share"),
     Piece("gevent", "gevent.server", "StreamServer.do_handle", Method(3), "connections counted"),
@@ -211,6 +216,15 @@ PIECES: tuple[Piece, ...] = (
 )
 
 
+#: Libraries checked in the master before it forks, and in each worker before
+#: anything is rebound.
+BEFORE_PATCHING = ("gunicorn", "gevent")
+#: Libraries checked in each worker once gevent has patched it, before the app
+#: loads: urllib3 keeps direct references to ``ssl``'s names, so importing it
+#: earlier (in the master) would leave them unpatched in every worker.
+AFTER_PATCHING = ("urllib3",)
+
+
 class InternalsError(RuntimeError):
     """An installed library lacks, or has changed, a piece the proxy uses."""
 
@@ -229,11 +243,14 @@ def _version(library: str) -> str:
         return "(version unknown)"
 
 
-def check(pieces: tuple[Piece, ...] = PIECES) -> None:
-    """Raise InternalsError naming every missing or changed piece, each with
-    its library's installed version; return quietly if all are there."""
+def check(libraries: tuple[str, ...], pieces: tuple[Piece, ...] = PIECES) -> None:
+    """Raise InternalsError naming every missing or changed piece of these
+    libraries, each with its library's installed version; return quietly if
+    all are there."""
     problems = []
     for piece in pieces:
+        if piece.library not in libraries:
+            continue
         wrong = piece.problem()
         if wrong is not None:
             problems.append(f"{piece.library} {_version(piece.library)}: {wrong} (needed for: {piece.why})")

@@ -262,7 +262,7 @@ class ProxyWorker(GeventWorker):
 
     def init_process(self) -> None:
         # What the master checked before forking, checked again where it is used.
-        internals.check()
+        internals.check(internals.BEFORE_PATCHING)
         internals.use_response_class(ProxyResponse)
         internals.use_server_class(BalancedServer)
         # Request bodies are read 64 KiB at a time; Gunicorn's reader asks the
@@ -275,6 +275,11 @@ class ProxyWorker(GeventWorker):
         self.idle: dict[gevent.Greenlet, float] = {}
         capture.install()
         super().init_process()
+
+    def load_wsgi(self) -> None:
+        # gevent has patched this process by now: urllib3 may be imported.
+        internals.check(internals.AFTER_PATCHING)
+        super().load_wsgi()
 
     def init_signals(self) -> None:
         super().init_signals()
