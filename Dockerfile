@@ -66,7 +66,9 @@ COPY --chmod=0755 hooks/validate.sh hooks/update.sh hooks/logrotate.sh hooks/mes
 RUN python3 -m compileall -q /app
 
 # The hooks find the package and the interpreter through PROXY_HOME and
-# PROXY_PYTHON; `gunicorn` and `python3` on PATH are the venv's.
+# PROXY_PYTHON; `gunicorn` and `python3` on PATH are the venv's. Logs go to
+# stdout/stderr (the default); the older platform sets PROXY_LOG_TARGET=file
+# for /var/log/proxy (docs/logging.md).
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PROXY_HOME=/app \
     PROXY_PYTHON=/opt/venv/bin/python \

@@ -18,7 +18,7 @@ os.environ["GEVENT_RESOLVER"] = "thread"
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from proxy import balance  # noqa: E402
+from proxy import balance, internals  # noqa: E402
 from proxy import config as proxy_config  # noqa: E402
 from proxy import settings as proxy_settings  # noqa: E402
 from proxy.logs import error_log, logging_config  # noqa: E402
@@ -82,12 +82,21 @@ _raise_open_files_limit()
 
 
 def on_starting(server) -> None:
-    """Refuse to start on an invalid configuration, saying why."""
+    """Refuse to start, saying why (on stderr whatever the log target, see
+    proxy.logs), if a library's private parts the proxy relies on changed or
+    the configuration is invalid; then make the table the workers share
+    (before the first fork)."""
+    try:
+        internals.check(internals.BEFORE_PATCHING)
+    except internals.InternalsError as exc:
+        error_log.error("not starting: %s", exc)
+        raise SystemExit(1) from None
     try:
         proxy_config.active = proxy_config.load(_settings.config_dir)
     except proxy_config.ConfigError as exc:
         error_log.error("invalid configuration, not starting: %s", "; ".join(map(str, exc.problems)))
         raise SystemExit(1) from None
+    balance.create_table()
 
 
 def on_reload(server) -> None:

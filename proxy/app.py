@@ -294,7 +294,7 @@ class Proxy:
         exchange = Exchange(environ)
         environ["proxy.exchange"] = exchange
         # Gunicorn's wsgi.errors writes raw text into the error log file; in
-        # workers sys.stderr makes each line a record (proxy.logs.LoggingStream).
+        # workers sys.stderr makes each line a record (proxy.capture.LoggingStream).
         environ["wsgi.errors"] = sys.stderr
         noting = exchange.start_response(start_response)
         try:

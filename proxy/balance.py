@@ -16,7 +16,8 @@ A worker that is shutting down leaves the table (it accepts nothing more),
 and one that has paused for ``MAX_PAUSE_S`` while connections kept coming
 accepts them anyway: a stuck peer cannot make a worker refuse work.
 
-Master side: ``assign`` (Gunicorn's ``pre_fork``) and ``release``
+Master side: ``create_table`` (once, before the first fork: Gunicorn's
+``on_starting``), ``assign`` (``pre_fork``) and ``release``
 (``child_exit``). Worker side: ``Share``, which the worker's accept loop
 asks (``proxy.worker.BalancedServer``).
 """
@@ -24,6 +25,9 @@ asks (``proxy.worker.BalancedServer``).
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterable
+
+__all__ = ["MAX_PAUSE_S", "PAUSE_S", "SLACK", "SLOTS", "Share", "assign", "create_table", "release"]
 
 #: Workers that can hold a slot at once (old and new ones overlap during a reload).
 SLOTS = 64
@@ -34,18 +38,37 @@ PAUSE_S = 0.002
 MAX_PAUSE_S = 0.05
 
 _FREE = -1
-_table = mmap.mmap(-1, SLOTS * 8)  # anonymous and shared: forked workers see one table
-_counts = memoryview(_table).cast("q")
-for _slot in range(SLOTS):
-    _counts[_slot] = _FREE
+#: The table, once ``create_table`` has made it; a worker sees the one its
+#: master made before forking it.
+_counts: memoryview | None = None
 
 
-def assign(workers) -> int | None:
+def create_table() -> None:
+    """Make the shared table (anonymous shared memory, so every worker forked
+    afterwards sees the same one), every slot free. Once, in the master;
+    calling it again keeps the table."""
+    global _counts
+    if _counts is not None:
+        return
+    counts = memoryview(mmap.mmap(-1, SLOTS * 8)).cast("q")
+    for slot in range(SLOTS):
+        counts[slot] = _FREE
+    _counts = counts
+
+
+def _table() -> memoryview:
+    if _counts is None:
+        raise RuntimeError("proxy.balance.create_table() was not called before the workers were forked")
+    return _counts
+
+
+def assign(workers: Iterable[object]) -> int | None:
     """A free slot for a worker about to be forked (None: it goes without)."""
+    counts = _table()
     taken = {getattr(worker, "balance_slot", None) for worker in workers}
     for slot in range(SLOTS):
-        if slot not in taken and _counts[slot] == _FREE:
-            _counts[slot] = 0
+        if slot not in taken and counts[slot] == _FREE:
+            counts[slot] = 0
             return slot
     return None
 
@@ -53,7 +76,7 @@ def assign(workers) -> int | None:
 def release(slot: int | None) -> None:
     """The worker in ``slot`` has exited: its connections are gone."""
     if slot is not None:
-        _counts[slot] = _FREE
+        _table()[slot] = _FREE
 
 
 class Share:
@@ -63,16 +86,18 @@ class Share:
     def __init__(self, slot: int | None) -> None:
         self.slot = slot
         self.open = 0
+        #: The table, when this worker has a slot in it (only then is it read).
+        self._counts = _table() if slot is not None else memoryview(b"")
 
     def opened(self) -> None:
         self.open += 1
         if self.slot is not None:
-            _counts[self.slot] = self.open
+            self._counts[self.slot] = self.open
 
     def closed(self) -> None:
         self.open -= 1
         if self.slot is not None:
-            _counts[self.slot] = self.open
+            self._counts[self.slot] = self.open
 
     def leave(self) -> None:
         """This worker accepts no more connections (it is shutting down)."""
@@ -84,8 +109,9 @@ class Share:
         if self.slot is None:
             return False
         least = self.open
+        counts = self._counts
         for slot in range(SLOTS):
-            count = _counts[slot]
+            count = counts[slot]
             if count != _FREE and count < least:
                 least = count
         return self.open - least > SLACK

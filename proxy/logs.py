@@ -1,36 +1,60 @@
-"""Logging: JSON or LTSV records, to files or to stdout/stderr.
+"""Logging: JSON or LTSV records, on stdout/stderr or in files.
 
 Two streams, as the platform contract has them: the access log (one record
 per request, logger ``proxy.access``) and everything else (Gunicorn's own
 messages and the proxy's errors, loggers ``gunicorn.error`` and ``proxy``).
-File handlers are ``FileHandler``s so that Gunicorn's SIGUSR1 handling
-(``reopen_files``) reopens them in the master and in every worker.
+The stdout target (the newer platform, the default) writes access records
+to stdout and the rest to stderr; the file target (the older platform, which
+runs logrotate.sh) writes them to ``access.log`` and ``error.log`` through
+``FileHandler``s, so that Gunicorn's SIGUSR1 handling (``reopen_files``)
+reopens them in the master and in every worker. With the file target, the
+master's errors (and a worker's before it serves) are copied to the stderr
+the proxy was started with: a proxy that cannot start says why where the
+container runtime looks, not only in a file inside the container.
 
 Every record is one line, whatever its values hold: JSON escapes control
 characters (and, with ``ensure_ascii``, everything outside ASCII); LTSV
-escapes the same set (see ``ltsv_escape``). Output that would bypass logging
-in a worker (``print``, Python warnings, exceptions printed by gevent's hub,
-uncaught exceptions in threads) is routed into the error log as records too
-(see ``capture_stray_output``).
+escapes the same set (see ``ltsv_escape``). Output that bypasses logging is
+turned into records by ``proxy.capture``.
 """
 
 from __future__ import annotations
 
 import fcntl
-import io
 import logging
 import os
-import sys
-import threading
 import time
 import traceback
 from contextvars import ContextVar
 from typing import Any
 
-from gunicorn.glogging import Logger as GunicornLogger
 from pythonjsonlogger.json import JsonFormatter
 
+from .internals import QuietAccessLogger
 from .settings import Settings
+
+__all__ = [
+    "ConsoleCopyHandler",
+    "JsonAccessFormatter",
+    "JsonErrorFormatter",
+    "LtsvAccessFormatter",
+    "LtsvErrorFormatter",
+    "ProxyGunicornLogger",
+    "RecordFileHandler",
+    "SharedStreamHandler",
+    "access_log",
+    "access_logged",
+    "error_log",
+    "iso_time",
+    "log_files_moved",
+    "logging_config",
+    "ltsv",
+    "ltsv_escape",
+    "pid",
+    "serving",
+    "track_pid",
+    "write_access",
+]
 
 access_log = logging.getLogger("proxy.access")
 error_log = logging.getLogger("proxy")
@@ -41,9 +65,10 @@ error_log = logging.getLogger("proxy")
 access_logged: ContextVar[bool] = ContextVar("proxy_access_logged", default=False)
 
 
-#: This process's id, kept current across fork: os.getpid() is a system
-#: call, and every access record carries the id.
-pid = os.getpid()
+#: This process's id, kept current across fork by ``track_pid``:
+#: os.getpid() is a system call, and every access record carries the id.
+pid = 0
+_tracking_pid = False
 
 
 def _forked() -> None:
@@ -51,7 +76,15 @@ def _forked() -> None:
     pid = os.getpid()
 
 
-os.register_at_fork(after_in_child=_forked)
+def track_pid() -> None:
+    """Set ``pid``, and keep it current in every process forked from here on
+    (called by the logger set-up in the master; safe to call again)."""
+    global _tracking_pid
+    _forked()
+    if not _tracking_pid:
+        os.register_at_fork(after_in_child=_forked)
+        _tracking_pid = True
+
 
 _second = (-1, "")
 
@@ -120,7 +153,7 @@ class JsonAccessFormatter(JsonFormatter):
     """The access record (a dict passed as the message) as one JSON object."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return self.jsonify_log_record(record.msg)
+        return self.jsonify_log_record(record.msg)  # type: ignore[arg-type]
 
 
 # LTSV: the escapes below, then every other character outside printable ASCII
@@ -162,7 +195,7 @@ class LtsvAccessFormatter(logging.Formatter):
         return ltsv(record.msg)  # type: ignore[arg-type]
 
 
-class SharedStreamHandler(logging.StreamHandler):
+class SharedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A handler for stdout or stderr, which every process of the proxy shares.
 
     A pipe keeps one write of at most PIPE_BUF (4096) bytes whole; a longer
@@ -174,7 +207,7 @@ class SharedStreamHandler(logging.StreamHandler):
     Without a usable lock file, records are still written one call each.
     """
 
-    def __init__(self, stream=None, lock_file: str | None = None) -> None:
+    def __init__(self, stream: Any = None, lock_file: str | None = None) -> None:
         super().__init__(stream)
         self.lock_file = lock_file
         self._lock_fd = -1
@@ -238,13 +271,70 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-class ProxyGunicornLogger(GunicornLogger):
-    """Gunicorn's logger minus its access log: the proxy writes its own
-    access records (``proxy.access``), and Gunicorn would otherwise build
-    its unused access atoms for every request."""
+#: A copy of the descriptor 2 the process was started with, taken before
+#: Gunicorn's ``capture_output`` points 2 at ``error.log`` (file target).
+_console_fd = -1
+#: Whether this process still copies its errors to ``_console_fd``: the
+#: master always, a worker until it serves (``serving``).
+_starting = True
 
-    def _compute_access_log_enabled(self) -> bool:
-        return False
+
+def _keep_console() -> None:
+    global _console_fd
+    if _console_fd < 0:
+        try:
+            _console_fd = os.dup(2)
+        except OSError:  # started with descriptor 2 closed: nowhere to copy to
+            pass
+
+
+def serving() -> None:
+    """This worker has started serving: its errors are ordinary run-time
+    diagnostics from now on, for the error log only."""
+    global _starting
+    _starting = False
+
+
+class ConsoleCopyHandler(logging.Handler):
+    """File target: a copy of each record on the stderr the proxy was started
+    with, in the master and in a worker that has not started serving (an
+    invalid configuration, a port that cannot be bound, a worker that
+    cannot boot). One write(2) a record, as the other handlers."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _starting or _console_fd < 0:
+            return
+        try:
+            _write_all(_console_fd, (self.format(record) + "\n").encode("utf-8", "backslashreplace"))
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+def _lean_records() -> None:
+    """Record attributes no formatter here uses, and which cost per record:
+    the caller's frame, the thread name (a dummy thread object per greenlet
+    under gevent), the process id (a system call; ``pid`` has it). See
+    "Optimization" in the logging HOWTO."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging.logProcesses = False
+
+
+class ProxyGunicornLogger(QuietAccessLogger):
+    """Gunicorn's logger minus its access log (the proxy writes its own,
+    ``proxy.access``), set up with the proxy's process-wide logging state."""
+
+    def setup(self, cfg: Any) -> None:
+        track_pid()
+        _keep_console()
+        _lean_records()
+        # Python warnings become records of the ``py.warnings`` logger (root's
+        # handler: the error log), in the master and, inherited, in the workers.
+        logging.captureWarnings(True)
+        super().setup(cfg)
 
 
 def logging_config(settings: Settings) -> dict[str, Any]:
@@ -252,19 +342,8 @@ def logging_config(settings: Settings) -> dict[str, Any]:
 
     Stream handlers write to the process's original ``sys.__stdout__`` and
     ``sys.__stderr__``: in workers ``sys.stdout``/``sys.stderr`` are replaced
-    by streams that log (see ``capture_stray_output``).
+    by streams that log (see ``proxy.capture``).
     """
-    # Python warnings become records of the ``py.warnings`` logger (root's
-    # handler: the error log), in the master and, inherited, in the workers.
-    logging.captureWarnings(True)
-    # Record attributes no formatter here uses, and which cost per record:
-    # the caller's frame, the thread name (a dummy thread object per greenlet
-    # under gevent), the process id (a system call; ``pid`` above has it).
-    # See "Optimization" in the logging HOWTO.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    logging.logProcesses = False
     kind = "Json" if settings.log_format == "json" else "Ltsv"
     if settings.log_target == "file":
         access_handler = {"class": "proxy.logs.RecordFileHandler", "filename": str(settings.access_log)}
@@ -276,6 +355,11 @@ def logging_config(settings: Settings) -> dict[str, Any]:
         access_handler["lock_file"] = error_handler["lock_file"] = lock_file
     access_handler["formatter"] = "access"
     error_handler["formatter"] = "error"
+    handlers: dict[str, dict[str, str]] = {"access": access_handler, "error": error_handler}
+    error_handlers = ["error"]
+    if settings.log_target == "file":
+        handlers["console"] = {"class": "proxy.logs.ConsoleCopyHandler", "level": "ERROR", "formatter": "error"}
+        error_handlers.append("console")
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -283,15 +367,12 @@ def logging_config(settings: Settings) -> dict[str, Any]:
             "access": {"()": f"proxy.logs.{kind}AccessFormatter"},
             "error": {"()": f"proxy.logs.{kind}ErrorFormatter"},
         },
-        "handlers": {
-            "access": access_handler,
-            "error": error_handler,
-        },
-        "root": {"level": "WARNING", "handlers": ["error"]},
+        "handlers": handlers,
+        "root": {"level": "WARNING", "handlers": error_handlers},
         "loggers": {
-            "gunicorn.error": {"level": "INFO", "handlers": ["error"], "propagate": False},
+            "gunicorn.error": {"level": "INFO", "handlers": error_handlers, "propagate": False},
             "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
-            "proxy": {"level": "INFO", "handlers": ["error"], "propagate": False},
+            "proxy": {"level": "INFO", "handlers": error_handlers, "propagate": False},
             "proxy.access": {
                 "level": "INFO" if settings.access_log_enabled else "CRITICAL",
                 "handlers": ["access"],
@@ -299,143 +380,6 @@ def logging_config(settings: Settings) -> dict[str, Any]:
             },
         },
     }
-
-
-# -- output that bypasses logging -------------------------------------------------
-
-
-class LoggingStream(io.TextIOBase):
-    """A text stream whose every line becomes one record of ``logger``.
-
-    Installed as ``sys.stdout``/``sys.stderr`` in workers: ``print()`` in a
-    user's middleware, ``wsgi.errors`` writes and anything else printed then
-    end up in the error log as records, never as raw text in a log file or
-    in the access stream on stdout. ``fileno()`` is still the real
-    descriptor, which Gunicorn's ``reopen_files`` points at the new error log.
-    """
-
-    def __init__(self, logger: logging.Logger, level: int, fd: int, encoding: str = "utf-8") -> None:
-        super().__init__()
-        self._logger = logger
-        self._level = level
-        self._fd = fd
-        self._encoding = encoding
-        self._pending = ""
-        self._busy = threading.local()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return self._encoding
-
-    @property
-    def errors(self) -> str:  # type: ignore[override]
-        return "backslashreplace"
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def isatty(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        if not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        if getattr(self._busy, "active", False):
-            # Logging itself failed and is reporting it here: do not loop.
-            os.write(self._fd, text.encode(self._encoding, "backslashreplace"))
-            return len(text)
-        data = self._pending + text
-        lines = data.split("\n")
-        self._pending = lines.pop()
-        if len(self._pending) > 65536:  # no newline coming: do not grow forever
-            lines.append(self._pending)
-            self._pending = ""
-        for line in lines:
-            self._emit(line)
-        return len(text)
-
-    def flush(self) -> None:
-        if self._pending:
-            line, self._pending = self._pending, ""
-            self._emit(line)
-
-    def _emit(self, line: str) -> None:
-        line = line.rstrip("\r")
-        if not line:
-            return
-        self._busy.active = True
-        try:
-            self._logger.log(self._level, "%s", line)
-        finally:
-            self._busy.active = False
-
-
-def _log_uncaught(exc_type, exc, tb, where: str = "uncaught exception") -> None:
-    error_log.error("%s: %s", where, getattr(exc_type, "__name__", exc_type), exc_info=(exc_type, exc, tb))
-
-
-def _threading_excepthook(args) -> None:
-    if args.exc_type is SystemExit:
-        return
-    thread = args.thread.name if args.thread is not None else "?"
-    _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback, f"uncaught exception in thread {thread}")
-
-
-def _unraisablehook(unraisable) -> None:
-    where = unraisable.err_msg or "exception ignored"
-    if unraisable.object is not None:
-        try:
-            where = f"{where} in {unraisable.object!r}"
-        except Exception:  # a broken __repr__
-            pass
-    exc = unraisable.exc_value
-    _log_uncaught(unraisable.exc_type, exc, unraisable.exc_traceback, where)
-
-
-def _hub_print_exception(hub, context, t, v, tb) -> None:
-    """gevent's ``Hub.print_exception``, as one error record with the traceback."""
-    t, v, tb = hub._normalize_exception(t, v, tb)
-    if context is not None and not isinstance(context, str):
-        try:
-            context = hub.format_context(context)
-        except Exception:  # a broken __repr__
-            context = repr(context)
-    logging.getLogger("gevent.hub").error(
-        "%s failed with %s", context or "the event loop", getattr(t, "__name__", "exception"), exc_info=(t, v, tb)
-    )
-
-
-def capture_stray_output() -> None:
-    """Route output that bypasses logging into the error log, as records.
-
-    Called in each worker at start-up: ``sys.stdout`` (INFO, logger
-    ``proxy.stdout``) and ``sys.stderr`` (ERROR, logger ``proxy.stderr``)
-    become ``LoggingStream``s; uncaught exceptions (main thread, other
-    threads, "exception ignored" ones) and greenlets that die with an
-    exception (which gevent's hub would print to stderr) are logged with
-    their traceback inside the record.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
-    if not isinstance(sys.stdout, LoggingStream):
-        sys.stdout = LoggingStream(logging.getLogger("proxy.stdout"), logging.INFO, 1)
-    if not isinstance(sys.stderr, LoggingStream):
-        sys.stderr = LoggingStream(logging.getLogger("proxy.stderr"), logging.ERROR, 2)
-    sys.excepthook = _log_uncaught
-    threading.excepthook = _threading_excepthook
-    sys.unraisablehook = _unraisablehook
-    logging.captureWarnings(True)
-    try:
-        from gevent.hub import Hub
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        return
-    Hub.print_exception = _hub_print_exception
 
 
 def log_files_moved() -> bool:

@@ -34,6 +34,7 @@ from typing import Any, Protocol, cast
 import gevent
 from gunicorn.workers.base_async import ALREADY_HANDLED
 
+from . import internals
 from .headers import Header, connection_tokens, upstream_request_headers
 from .logs import error_log
 from .sockets import BLOCK_SIZE
@@ -85,14 +86,6 @@ def upgrade_request_headers(environ: Mapping[str, Any], request_id: str) -> list
     return headers
 
 
-def _client_unreader(environ: Mapping[str, Any]) -> Any:
-    """Gunicorn's read buffer for the client connection: bytes the client
-    sent right behind the upgrade request (pipelined) wait there."""
-    reader = getattr(environ.get("wsgi.input"), "reader", None)
-    unreader = getattr(reader, "unreader", None) or getattr(getattr(reader, "req", None), "unreader", None)
-    return unreader if callable(getattr(unreader, "take_buffered", None)) else None
-
-
 def tunnel(
     environ: Mapping[str, Any],
     record: TunnelRecord,
@@ -128,8 +121,7 @@ def tunnel(
         counts[1] += len(first)
         # Whatever the client pipelined behind the request belongs to the
         # new protocol; it sits in Gunicorn's read buffer, not the socket.
-        unreader = _client_unreader(environ)
-        early = unreader.take_buffered() if unreader is not None else b""
+        early = internals.client_read_ahead(environ)
         if early:
             server.sendall(early)
             counts[0] += len(early)

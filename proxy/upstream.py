@@ -29,13 +29,13 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
 
 from urllib3 import HTTPConnectionPool, PoolManager
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import Timeout
 
+from . import internals
 from .headers import Header, sendable_head
 from .http1 import Head, NoAnswer, ResponseError, ResponseReader, Signal, parse_head
 from .request_body import RequestBody
@@ -181,7 +181,7 @@ class PooledConnection(HTTPConnection):
         sock = self.sock
         if sock is None:
             return False
-        raw = getattr(sock, "_sock", sock)  # under gevent, the OS socket is wrapped
+        raw = internals.raw_socket(sock)  # under gevent, the OS socket is wrapped
         try:
             raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -235,17 +235,17 @@ class Upstream:
         its place), or, if ``dedicated``, a new one that never joins the pool."""
         if dedicated:
             return HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
-        return cast(HTTPConnection, self.pool._get_conn())  # the pool's ConnectionCls
+        return internals.take_pooled(self.pool)  # the pool's ConnectionCls
 
     def check_in(self, conn: HTTPConnection, dedicated: bool, reuse: bool) -> None:
         """Return a connection taken with ``check_out``: pooled again if
         ``reuse``, else closed (freeing its pool slot for a new one)."""
         if reuse and not dedicated:
-            self.pool._put_conn(conn)
+            internals.return_pooled(self.pool, conn)
             return
         conn.close()
         if not dedicated:
-            self.pool._put_conn(None)
+            internals.return_pooled(self.pool, None)
 
     def send(
         self,

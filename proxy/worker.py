@@ -11,13 +11,17 @@
    gets ``Connection: close`` on its next response (Gunicorn's own logic).
 4. Logging (see ``proxy.logs``): a request Gunicorn rejects itself (400,
    414, 431...) without calling the app still gets its access line; output
-   that bypasses logging becomes error-log records; a worker that missed the
-   master's SIGUSR1 while booting reopens rotated log files on its own.
+   that bypasses logging becomes error-log records (``proxy.capture``); a
+   worker that missed the master's SIGUSR1 while booting reopens rotated
+   log files on its own.
 5. Fairness and speed: each request yields to the event loop once before
    it is handled; workers spread connections through ``proxy.balance``;
    the response head leaves with the first body bytes; request bodies are
    read 64 KiB ahead, not 1 MiB; what was loaded before serving is frozen
    out of the cyclic garbage collector.
+
+Gunicorn's and gevent's private parts are reached through ``proxy.internals``
+only, which checks them before anything here relies on them.
 """
 
 from __future__ import annotations
@@ -28,14 +32,13 @@ import socket
 import time
 
 import gevent
-from gevent.server import StreamServer
-from gunicorn.http import unreader, wsgi
-from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
-from . import balance
-from .logs import access_logged, capture_stray_output, error_log, log_files_moved
+from . import balance, capture, internals
+from .logs import access_logged, error_log, log_files_moved, serving
 from .sockets import BLOCK_SIZE, send_all
+
+__all__ = ["FAIR_YIELD_S", "SHUTDOWN_IDLE_GRACE", "BalancedServer", "ProxyResponse", "ProxyWorker", "log_rejected"]
 
 #: After shutdown starts, a keep-alive connection idle this long is closed.
 SHUTDOWN_IDLE_GRACE = 1.0
@@ -58,7 +61,7 @@ SHUTDOWN_POLL_S = 0.25
 FAIR_YIELD_S = 0.000001
 
 
-class ProxyResponse(wsgi.Response):
+class ProxyResponse(internals.GunicornResponse):
     """Gunicorn's HTTP/1 response, keeping the origin's Server and Date, and
     sending the head with the first body bytes."""
 
@@ -117,7 +120,7 @@ class ProxyResponse(wsgi.Response):
         else:
             send_all(self.sock, head)
 
-    def _emit_body(self, data: bytes) -> None:
+    def emit_body(self, data: bytes) -> None:
         if self.chunked:
             data = b"%X\r\n%s\r\n" % (len(data), data)
         head = self._head
@@ -147,14 +150,14 @@ def _http_date() -> str:
     return _date[1]
 
 
-class BalancedServer(StreamServer):
+class BalancedServer(internals.AcceptServer):
     """gevent's accept loop, pausing while this worker holds more than its
     share of connections (see ``proxy.balance``)."""
 
     share = balance.Share(None)
     _paused_since: float | None = None
 
-    def _do_read(self) -> None:
+    def accept_ready(self) -> None:
         if not self.share.over():
             self._paused_since = None
         else:
@@ -162,11 +165,9 @@ class BalancedServer(StreamServer):
             if self._paused_since is None:
                 self._paused_since = now
             if now - self._paused_since < balance.MAX_PAUSE_S:
-                self.stop_accepting()
-                self._timer = self.loop.timer(balance.PAUSE_S)
-                self._timer.start(self._start_accepting_if_started)
+                self.pause_accepting(balance.PAUSE_S)
                 return
-        super()._do_read()
+        super().accept_ready()
 
     # Counted as the connection is accepted and closed, not when its greenlet
     # runs: in a burst several accepts come before any handler starts.
@@ -269,19 +270,25 @@ class ProxyWorker(GeventWorker):
     """Gunicorn's gevent worker, adapted for a reverse proxy (see module doc)."""
 
     def init_process(self) -> None:
-        # Gunicorn builds responses and accept loops through these module attributes.
-        wsgi.Response = ProxyResponse
-        ggevent.StreamServer = BalancedServer
+        # What the master checked before forking, checked again where it is used.
+        internals.check(internals.BEFORE_PATCHING)
+        internals.use_response_class(ProxyResponse)
+        internals.use_server_class(BalancedServer)
         # Request bodies are read 64 KiB at a time; Gunicorn's reader asks the
         # socket for up to 1 MiB ahead and then copies what is left of it on
         # every read (measured: half the CPU of a 1 MiB upload).
-        unreader.SocketUnreader.max_body_chunk = BLOCK_SIZE
+        internals.set_body_read_size(BLOCK_SIZE)
         self.share = BalancedServer.share = balance.Share(getattr(self, "balance_slot", None))
         self.clients: dict[gevent.Greenlet, socket.socket] = {}
         self.waits: dict[gevent.Greenlet, _IdleWait] = {}
         self.idle: dict[gevent.Greenlet, float] = {}
-        capture_stray_output()
+        capture.install()
         super().init_process()
+
+    def load_wsgi(self) -> None:
+        # gevent has patched this process by now: urllib3 may be imported.
+        internals.check(internals.AFTER_PATCHING)
+        super().load_wsgi()
 
     def init_signals(self) -> None:
         super().init_signals()
@@ -334,6 +341,7 @@ class ProxyWorker(GeventWorker):
         # as long as the worker: out of the cyclic collector's way, its full
         # collections no longer walk it (measured: +8% requests/s, p99 -15%).
         gc.freeze()
+        serving()
         gevent.spawn(self._close_idle_on_shutdown)
         super().run()
 
@@ -368,7 +376,7 @@ def _wake_with_eof(client: socket.socket) -> None:
     Gunicorn logs as an error with a traceback); shutting down the OS socket
     underneath makes the wait end with a plain end-of-stream instead.
     """
-    raw = client._sock  # type: ignore[attr-defined]
+    raw = internals.raw_socket(client)
     try:
         if raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
             return

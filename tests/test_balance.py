@@ -19,7 +19,8 @@ from proxy import balance
 
 @pytest.fixture
 def table():
-    """Slots taken by a test are given back."""
+    """The table, made as the master makes it; slots taken by a test are given back."""
+    balance.create_table()
     taken: list[int] = []
     yield taken
     for slot in taken:

@@ -517,6 +517,50 @@ def test_stdout_target_writes_no_files(make_proxy, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_the_default_target_is_stdout_with_no_files(make_proxy):
+    """The newer platform's default, with no PROXY_LOG_TARGET at all: access
+    records on stdout, diagnostics on stderr, nothing in PROXY_LOG_DIR."""
+    proxy = make_proxy(start=False)
+    del proxy.env["PROXY_LOG_TARGET"]
+    proxy.start()
+    assert proxy.request("GET", "/by-default", headers={"X-Request-Id": "default-target"})[0].status == 200
+    wait_for(lambda: "default-target" in proxy.stdout(), what="the access line on stdout")
+    [record] = parse_text(proxy.stdout(), "json")
+    assert record["target"] == "/by-default" and record["status"] == 200
+    assert any(r["message"].startswith("Starting gunicorn") for r in parse_text(proxy.stderr(), "json"))
+    assert not proxy.log_dir.exists()
+
+
+@pytest.mark.parametrize("target", ["file", "stdout"])
+def test_a_fatal_start_up_error_reaches_stderr_whatever_the_target(make_proxy, target):
+    """A configuration the master cannot read (here proxy.toml is a directory:
+    tests run as root, which reads any file whatever its mode). With the file
+    target, Gunicorn points descriptor 2 at error.log; the reason must still
+    reach the stderr the proxy was started with (what ``podman logs`` shows),
+    as well as the error log."""
+    proxy = make_proxy(start=False, env={"PROXY_LOG_TARGET": target})
+    (proxy.config_dir / "proxy.toml").mkdir()
+    proxy.start(wait=False)
+    assert proxy.process.wait(30) != 0
+    reason = "proxy.toml: cannot read: Is a directory"
+    [on_stderr] = [r for r in parse_text(proxy.stderr(), "json") if r["level"] == "ERROR"]
+    assert "invalid configuration, not starting" in on_stderr["message"] and reason in on_stderr["message"]
+    assert proxy.stdout() == ""
+    if target == "file":
+        assert reason in proxy.error_log()
+    else:
+        assert not proxy.log_dir.exists()
+
+
+def test_a_workers_errors_stop_reaching_stderr_once_it_serves(make_proxy):
+    """With the file target only start-up errors are copied to stderr: an
+    error while serving (next-hop unreachable) stays in error.log."""
+    proxy = make_proxy(env={"NEXT_HOP": f"127.0.0.1:{free_port()}"})
+    assert proxy.request("GET", "/unreachable")[0].status == 502
+    wait_for(lambda: "cannot connect to next-hop" in proxy.error_log(), what="the 502's error record")
+    assert proxy.stderr() == ""
+
+
 def test_stdout_records_stay_whole_through_a_full_pipe(make_proxy):
     """In a container stdout is a pipe, shared by every worker. Records far
     over PIPE_BUF (4096 bytes) from two workers, while the reader lags so the

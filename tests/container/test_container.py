@@ -358,8 +358,35 @@ def test_update_before_the_proxy_runs(image, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_logrotate_rotates_and_logging_continues(make_container):
+def test_logs_go_to_stdout_and_stderr_by_default(make_container):
+    """The newer platform's default: access lines in the container's stdout,
+    diagnostics on its stderr, no log files."""
     container = make_container()
+    container.request("/to-stdout")
+    wait_for(lambda: "/to-stdout" in podman("logs", container.name).stdout, what="the access line on stdout")
+    [record] = [json.loads(line) for line in podman("logs", container.name).stdout.splitlines()]
+    assert record["target"] == "/to-stdout" and record["status"] == 200
+    assert "Starting gunicorn" in podman("logs", container.name).stderr
+    assert container.exec("ls", "-A", "/var/log/proxy").stdout == ""
+
+
+@pytest.mark.parametrize("target", ["stdout", "file"])
+def test_an_unreadable_configuration_stops_the_container_with_the_reason(image, tmp_path, target):
+    """A configuration directory the container's user cannot read: the
+    container exits non-zero and ``podman logs`` (its stderr) says why,
+    whatever the log target."""
+    config_dir = tmp_path / "proxy_config"
+    config_dir.mkdir(mode=0o700)
+    (config_dir / "proxy.toml").write_text("")
+    args = [*RUN_ONCE, "--env", f"PROXY_LOG_TARGET={target}", "--volume", f"{config_dir}:/opt/proxy_config:ro"]
+    result = podman(*args, image, check=False, timeout=60)
+    assert result.returncode != 0
+    assert "invalid configuration, not starting" in result.stderr, result.stderr
+    assert "proxy.toml: cannot read: Permission denied" in result.stderr, result.stderr
+
+
+def test_logrotate_rotates_and_logging_continues(make_container):
+    container = make_container(env={"PROXY_LOG_TARGET": "file"})
     container.request("/before-rotation")
     wait_for(lambda: "/before-rotation" in container.read("/var/log/proxy/access.log"), what="the access log line")
     result = container.hook("logrotate")

@@ -1,0 +1,369 @@
+"""The one door to private parts of Gunicorn, gevent and urllib3.
+
+The proxy leans on a few names these libraries do not promise to keep: it
+rebinds classes Gunicorn looks up at call time, overrides private methods,
+and reaches under gevent's and urllib3's wrappers for speed. A rename in a
+new release would not fail loudly: an override of a method nobody calls any
+more is a silent no-op, and the proxy would quietly lose a behaviour.
+
+So every such name is declared once in ``PIECES`` (library, where, what
+shape it must have) and ``check`` verifies them all at start-up, in the
+master before it forks and again in each worker; a mismatch stops start-up
+with the library, its installed version and each missing or changed piece.
+The rest of the proxy uses only the functions and classes below, never the
+private names themselves. ``requirements.txt`` bounds these libraries to the
+minor versions this declaration was checked against.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+from gevent import socket as gevent_socket
+from gevent.hub import Hub
+from gevent.server import StreamServer
+from gunicorn.glogging import Logger as _GunicornLogger
+from gunicorn.http import unreader as _unreader
+from gunicorn.http import wsgi as _wsgi
+from gunicorn.workers import ggevent as _ggevent
+
+if TYPE_CHECKING:
+    from urllib3 import HTTPConnectionPool
+    from urllib3.connection import HTTPConnection
+
+__all__ = [
+    "AFTER_PATCHING",
+    "BEFORE_PATCHING",
+    "PIECES",
+    "AcceptServer",
+    "Attribute",
+    "Class",
+    "GunicornResponse",
+    "InstanceAttribute",
+    "InternalsError",
+    "Method",
+    "Piece",
+    "QuietAccessLogger",
+    "check",
+    "client_read_ahead",
+    "raw_socket",
+    "return_pooled",
+    "route_hub_errors",
+    "set_body_read_size",
+    "take_pooled",
+    "use_response_class",
+    "use_server_class",
+]
+
+
+# -- shapes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Class:
+    """A class (something the proxy subclasses or rebinds)."""
+
+    def problem(self, owner: object, name: str) -> str | None:
+        value = getattr(owner, name)
+        return None if isinstance(value, type) else f"is {type(value).__name__}, not a class"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A function or method that must accept ``params`` positional arguments
+    (``self`` included), the way the library or the proxy calls it."""
+
+    params: int
+
+    def problem(self, owner: object, name: str) -> str | None:
+        value = inspect.getattr_static(owner, name)
+        if isinstance(value, staticmethod | classmethod):
+            value = value.__func__
+        if not callable(value):
+            return f"is {type(value).__name__}, not callable"
+        try:
+            inspect.signature(value).bind(*range(self.params))
+        except TypeError:
+            return f"no longer takes {self.params} arguments: {inspect.signature(value)}"
+        except ValueError:  # no signature to read (a C function): callable is all we can say
+            return None
+        return None
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """A class or module attribute (a value, a property)."""
+
+    def problem(self, owner: object, name: str) -> str | None:
+        return None
+
+
+@dataclass(frozen=True)
+class InstanceAttribute:
+    """An attribute each instance gets in ``__init__`` (of the class or a base):
+    checked on the code, so that nothing is built (a gevent server would
+    create the event loop in the master)."""
+
+    def problem(self, owner: object, name: str) -> str | None:
+        return None
+
+
+Shape = Class | Method | Attribute | InstanceAttribute
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One private name the proxy depends on, and why."""
+
+    library: str  #: distribution name, for its version
+    module: str
+    name: str  #: dotted, inside ``module``
+    shape: Shape
+    why: str
+
+    def problem(self) -> str | None:
+        """What is wrong with this piece in the installed library, or None."""
+        try:
+            owner: Any = importlib.import_module(self.module)
+        except ImportError as exc:
+            return f"module {self.module} cannot be imported ({exc})"
+        *path, last = self.name.split(".")
+        for part in path:
+            owner = getattr(owner, part, _MISSING)
+            if owner is _MISSING:
+                return f"{self.module}.{self.name} is missing ({part})"
+        if isinstance(self.shape, InstanceAttribute):
+            if not _set_in_init(owner, last):
+                return f"{self.module}.{self.name} is no longer set by {owner.__name__}.__init__"
+            return None
+        if not hasattr(owner, last):
+            return f"{self.module}.{self.name} is missing"
+        wrong = self.shape.problem(owner, last)
+        return f"{self.module}.{self.name} {wrong}" if wrong else None
+
+
+_MISSING = object()
+
+
+def _set_in_init(cls: type, name: str) -> bool:
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        code = getattr(init, "__code__", None)
+        if code is not None and name in code.co_names:
+            return True
+    return False
+
+
+PIECES: tuple[Piece, ...] = (
+    # Gunicorn: the response class and the accept loop, rebound at worker start.
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response", Class(), "rebound to the proxy's response"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "create", Method(5), "looks Response up at call time"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response._emit_body", Method(2), "head leaves with the first bytes"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response.process_headers", Method(2), "keeps Server and Date"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response.default_headers", Method(1), "keeps Server and Date"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response.send_headers", Method(1), "head held back"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response.should_close", Method(1), "Connection: close"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response.close", Method(1), "a held-back head is sent"),
+    *(
+        Piece("gunicorn", "gunicorn.http.wsgi", f"Response.{name}", InstanceAttribute(), "read by the proxy response")
+        for name in ("req", "sock", "version", "status", "chunked", "must_close", "headers", "headers_sent")
+    ),
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response.response_length", InstanceAttribute(), "head held back"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response.upgrade", InstanceAttribute(), "Connection: upgrade"),
+    Piece("gunicorn", "gunicorn.workers.ggevent", "StreamServer", Class(), "rebound to the balanced accept loop"),
+    Piece("gunicorn", "gunicorn.http.unreader", "SocketUnreader.max_body_chunk", Attribute(), "64 KiB body reads"),
+    # Gunicorn: the read-ahead a tunnel hands to next-hop.
+    Piece("gunicorn", "gunicorn.http.unreader", "Unreader.take_buffered", Method(1), "pipelined tunnel bytes"),
+    Piece("gunicorn", "gunicorn.http.body", "Body.reader", InstanceAttribute(), "pipelined tunnel bytes"),
+    Piece("gunicorn", "gunicorn.http.body", "LengthReader.unreader", InstanceAttribute(), "pipelined tunnel bytes"),
+    Piece("gunicorn", "gunicorn.http.body", "EOFReader.unreader", InstanceAttribute(), "pipelined tunnel bytes"),
+    Piece("gunicorn", "gunicorn.http.body", "ChunkedReader.req", InstanceAttribute(), "pipelined tunnel bytes"),
+    Piece("gunicorn", "gunicorn.http.message", "Message.unreader", InstanceAttribute(), "pipelined tunnel bytes"),
+    # Gunicorn: the worker and logger methods the proxy overrides.
+    Piece("gunicorn", "gunicorn.glogging", "Logger._compute_access_log_enabled", Method(1), "no Gunicorn access log"),
+    Piece("gunicorn", "gunicorn.glogging", "Logger.setup", Method(2), "the console kept for fatal errors"),
+    Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.init_process", Method(1), "worker set-up"),
+    Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.init_signals", Method(1), "missed SIGUSR1"),
+    Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.timeout_ctx", Method(1), "cut idle waits"),
+    Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.handle", Method(4), "tracks connections"),
+    Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.handle_request", Method(5), "fair yield"),
+    Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.handle_error", Method(5), "rejected requests"),
+    Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.run", Method(1), "gc.freeze, idle closer"),
+    Piece("gunicorn", "gunicorn.workers.ggevent", "GeventWorker.load_wsgi", Method(1), "urllib3 checked"),
+    # gevent: the accept loop's pause, the raw socket, the hub's error printing.
+    Piece("gevent", "gevent.server", "StreamServer._do_read", Method(1), "accepting paused while over share"),
+    Piece("gevent", "gevent.server", "StreamServer.do_handle", Method(3), "connections counted"),
+    Piece("gevent", "gevent.server", "StreamServer.do_close", Method(3), "connections counted"),
+    Piece("gevent", "gevent.server", "StreamServer.stop_accepting", Method(1), "accepting paused"),
+    Piece("gevent", "gevent.server", "StreamServer._start_accepting_if_started", Method(1), "accepting resumed"),
+    Piece("gevent", "gevent.server", "StreamServer._timer", InstanceAttribute(), "the pause's timer"),
+    Piece("gevent", "gevent.server", "StreamServer.loop", InstanceAttribute(), "the pause's timer"),
+    Piece("gevent", "gevent.socket", "socket._sock", InstanceAttribute(), "non-blocking peeks on the OS socket"),
+    Piece("gevent", "gevent.hub", "Hub.print_exception", Method(5), "greenlet failures become records"),
+    Piece("gevent", "gevent.hub", "Hub._normalize_exception", Method(4), "greenlet failures become records"),
+    # urllib3: the pool, used without its request machinery.
+    Piece("urllib3", "urllib3.connectionpool", "HTTPConnectionPool._get_conn", Method(1), "pooled connections"),
+    Piece("urllib3", "urllib3.connectionpool", "HTTPConnectionPool._put_conn", Method(2), "pooled connections"),
+    Piece("urllib3", "urllib3.connectionpool", "HTTPConnectionPool.ConnectionCls", Attribute(), "the peeking check"),
+    Piece("urllib3", "urllib3.connection", "HTTPConnection.is_connected", Attribute(), "the peeking check"),
+    Piece("urllib3", "urllib3.poolmanager", "PoolManager.pool_classes_by_scheme", InstanceAttribute(), "the pool"),
+)
+
+
+#: Libraries checked in the master before it forks, and in each worker before
+#: anything is rebound.
+BEFORE_PATCHING = ("gunicorn", "gevent")
+#: Libraries checked in each worker once gevent has patched it, before the app
+#: loads: urllib3 keeps direct references to ``ssl``'s names, so importing it
+#: earlier (in the master) would leave them unpatched in every worker.
+AFTER_PATCHING = ("urllib3",)
+
+
+class InternalsError(RuntimeError):
+    """An installed library lacks, or has changed, a piece the proxy uses."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(
+            "the installed libraries do not match what the proxy was built for (see requirements.txt): "
+            + "; ".join(problems)
+        )
+        self.problems = problems
+
+
+def _version(library: str) -> str:
+    try:
+        return version(library)
+    except PackageNotFoundError:
+        return "(version unknown)"
+
+
+def check(libraries: tuple[str, ...], pieces: tuple[Piece, ...] = PIECES) -> None:
+    """Raise InternalsError naming every missing or changed piece of these
+    libraries, each with its library's installed version; return quietly if
+    all are there."""
+    problems = []
+    for piece in pieces:
+        if piece.library not in libraries:
+            continue
+        wrong = piece.problem()
+        if wrong is not None:
+            problems.append(f"{piece.library} {_version(piece.library)}: {wrong} (needed for: {piece.why})")
+    if problems:
+        raise InternalsError(problems)
+
+
+# -- Gunicorn ------------------------------------------------------------------------------
+
+
+class GunicornResponse(_wsgi.Response):  # type: ignore[misc]
+    """Gunicorn's HTTP/1 response. A subclass overrides ``emit_body`` (one
+    write of body bytes, framing included) instead of the private method
+    Gunicorn calls, which is bound to it here, once, with no extra call."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "emit_body" in cls.__dict__:
+            cls._emit_body = cls.__dict__["emit_body"]
+
+    def emit_body(self, data: bytes) -> None:
+        super()._emit_body(data)
+
+
+def use_response_class(cls: type[GunicornResponse]) -> None:
+    """Make Gunicorn build every HTTP/1 response of this process with ``cls``."""
+    _wsgi.Response = cls
+
+
+def use_server_class(cls: type[StreamServer]) -> None:
+    """Make Gunicorn's gevent worker accept through ``cls``."""
+    _ggevent.StreamServer = cls
+
+
+def set_body_read_size(size: int) -> None:
+    """The most Gunicorn asks the client socket for at once when reading a body."""
+    _unreader.SocketUnreader.max_body_chunk = size
+
+
+def client_read_ahead(environ: Mapping[str, Any]) -> bytes:
+    """Take what Gunicorn has read from the client past the request (pipelined
+    bytes, which after an upgrade belong to the new protocol), without
+    waiting for more; ``b""`` when ``wsgi.input`` is not Gunicorn's (a
+    middleware replaced it)."""
+    reader = getattr(environ.get("wsgi.input"), "reader", None)
+    source = getattr(reader, "unreader", None) or getattr(getattr(reader, "req", None), "unreader", None)
+    if isinstance(source, _unreader.Unreader):
+        return bytes(source.take_buffered())
+    return b""
+
+
+class QuietAccessLogger(_GunicornLogger):  # type: ignore[misc]
+    """Gunicorn's logger with its own access log off for good: the proxy
+    writes its access records itself, and Gunicorn would otherwise build its
+    unused access atoms for every request."""
+
+    def _compute_access_log_enabled(self) -> bool:
+        return False
+
+
+# -- gevent --------------------------------------------------------------------------------
+
+
+class AcceptServer(StreamServer):  # type: ignore[misc]
+    """gevent's accept loop. A subclass overrides ``accept_ready`` (called when
+    the listener has connections waiting; ``super().accept_ready()``
+    accepts them) and may ``pause_accepting``."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "accept_ready" in cls.__dict__:
+            cls._do_read = cls.__dict__["accept_ready"]
+
+    def accept_ready(self) -> None:
+        StreamServer._do_read(self)
+
+    def pause_accepting(self, seconds: float) -> None:
+        """Stop accepting; start again after ``seconds`` (unless stopped meanwhile)."""
+        self.stop_accepting()
+        self._timer = self.loop.timer(seconds)
+        self._timer.start(self._start_accepting_if_started)
+
+
+def raw_socket(sock: socket.socket) -> socket.socket:
+    """The OS socket under a gevent socket (a plain socket is returned as is):
+    a non-blocking call on it neither registers a watcher nor switches to
+    the hub, and a ``shutdown`` on it wakes a greenlet waiting on the
+    wrapper with a plain end-of-stream."""
+    if isinstance(sock, gevent_socket.socket):
+        return sock._sock  # type: ignore[no-any-return]
+    return sock
+
+
+def route_hub_errors(report: Callable[[object, type[BaseException], BaseException | None, Any], None]) -> None:
+    """Have gevent's hub call ``report(context, type, value, traceback)``
+    instead of printing a greenlet's failure to stderr."""
+
+    def print_exception(hub: Hub, context: object, t: Any, v: Any, tb: Any) -> None:
+        t, v, tb = hub._normalize_exception(t, v, tb)
+        report(context, t, v, tb)
+
+    Hub.print_exception = print_exception
+
+
+# -- urllib3 -------------------------------------------------------------------------------
+
+
+def take_pooled(pool: HTTPConnectionPool) -> HTTPConnection:
+    """A connection from the pool (idle and connected, or new and unconnected)."""
+    return pool._get_conn()  # type: ignore[return-value]
+
+
+def return_pooled(pool: HTTPConnectionPool, conn: HTTPConnection | None) -> None:
+    """Give ``conn`` back to the pool; ``None`` (after closing a connection
+    that must not be reused) frees its slot for a new one."""
+    pool._put_conn(conn)
