@@ -181,21 +181,21 @@ def note_request_fields(environ: MutableMapping[str, Any], fields: Sequence[tupl
     joined with ``; `` (RFC 9113 section 8.2.3), which is what middleware
     reading it needs. Nothing is done when no name repeats (the usual case).
     """
-    if not fields:
+    if not fields or len({name for name, _ in fields}) == len(fields):
         return
-    names = [name for name, _ in fields]
-    if len(set(names)) == len(names):
-        return
-    values: dict[str, list[str]] = {}
-    for name, value in fields:
-        values.setdefault("HTTP_" + name.replace("-", "_"), []).append(value)
+    seen: set[str] = set()
+    again: set[str] = set()
+    for name, _ in fields:
+        (again if name in seen else seen).add(name)
     repeated: dict[str, tuple[tuple[str, ...], str]] = {}
-    for key, lines in values.items():
-        if len(lines) < 2 or key not in environ:  # CONTENT_* are not HTTP_ keys
+    for name in again:
+        key = "HTTP_" + name.replace("-", "_")
+        if key not in environ:  # CONTENT-TYPE and CONTENT-LENGTH are not HTTP_ keys
             continue
+        lines = tuple(value for other, value in fields if other == name)
         if key == "HTTP_COOKIE" and environ[key] == ",".join(lines):
             environ[key] = "; ".join(lines)
-        repeated[key] = (tuple(lines), environ[key])
+        repeated[key] = (lines, environ[key])
     environ[_REPEATED] = repeated
 
 
