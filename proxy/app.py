@@ -14,156 +14,35 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import logging
-import random
-import re
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from . import config as config_module
-from . import logs
 from . import settings as settings_module
+from .access import AccessRecord, StartResponse
 from .config import HEALTHZ_PATH, ProxyConfig
 from .extension import ExtensionError, WSGIApp, wrap
-from .headers import downstream_response_headers, upstream_request_headers, upstream_target
-from .logs import access_log, access_logged, error_log, iso_time, write_access
-from .request_body import BodyTooLarge, ClientBodyError, RequestBody, request_body
+from .headers import (
+    InvalidHost,
+    absolute_form_host,
+    downstream_response_headers,
+    forwardable_transfer_coding,
+    is_upgrade,
+    note_request_fields,
+    request_fields,
+    upgrade_request_headers,
+    upstream_request_headers,
+    upstream_target,
+)
+from .logs import error_log
+from .request_body import BodyTooLarge, ClientBodyError, request_body
 from .sockets import BLOCK_SIZE
-from .tunnel import ALREADY_HANDLED, is_upgrade, tunnel, upgrade_request_headers
+from .tunnel import ALREADY_HANDLED, tunnel
 from .upstream import Response, ResponseError, Upstream, UpstreamError
 
-StartResponse = Callable[..., Callable[[bytes], object]]
-
 _REASONS = {code: http.client.responses.get(code, "") for code in range(100, 600)}
-
-
-class Exchange:
-    """What the access line says about one request; filled in as it goes."""
-
-    __slots__ = (
-        "environ",
-        "start",
-        "start_perf",
-        "request_id",
-        "status",
-        "content_type",
-        "header_bytes",
-        "body_bytes",
-        "request_body",
-        "upstream_status",
-        "connect_s",
-        "first_byte_s",
-        "upstream_end",
-        "outcome",
-        "tunnel_bytes_up",
-        "tunnel_end",
-        "error",
-    )
-
-    def __init__(self, environ: dict) -> None:
-        self.environ = environ
-        self.start = time.time()
-        self.start_perf = time.perf_counter()
-        request_id = environ.get("HTTP_X_REQUEST_ID")
-        if not request_id:
-            request_id = f"{random.getrandbits(128):032x}"  # unique, not secret: no system call
-            if "HTTP_X_REQUEST_ID" in environ:  # sent empty: forward the id we log instead
-                environ["HTTP_X_REQUEST_ID"] = request_id
-        self.request_id = request_id
-        self.status = 0
-        self.content_type = None
-        self.header_bytes = 0
-        self.body_bytes = 0
-        self.request_body: RequestBody | None = None
-        self.upstream_status: int | None = None
-        self.connect_s: float | None = None
-        self.first_byte_s: float | None = None
-        self.upstream_end: float | None = None
-        #: ``ok``, ``client_abort``, ``client_error``, ``upstream_error`` or ``error``.
-        self.outcome = "ok"
-        self.tunnel_bytes_up: int | None = None
-        #: Why a 101 tunnel ended (see ``proxy.tunnel``).
-        self.tunnel_end: str | None = None
-        #: Why Gunicorn rejected the request (set by ``proxy.worker.log_rejected``).
-        self.error: str | None = None
-
-    def start_response(self, start_response: StartResponse) -> StartResponse:
-        """Wrap the server's start_response to note status and headers."""
-
-        def noting(status: str, headers: list, exc_info=None):
-            self.status = int(status[:3])
-            size = len(status) + 11
-            for name, value in headers:
-                size += len(name) + len(value) + 4
-                if name.lower() == "content-type":
-                    self.content_type = value
-            self.header_bytes = size
-            return start_response(status, headers, exc_info)
-
-        return noting
-
-    def log(self) -> None:
-        """Write the access line (building it only when access logging is on).
-
-        Then let go of the environ: it holds this record, and the cycle would
-        keep the whole request (environ, body reader, socket objects) alive
-        until the cyclic collector ran, instead of freeing it right here.
-        """
-        access_logged.set(True)
-        try:
-            if access_log.isEnabledFor(logging.INFO):
-                write_access(self.fields())
-        finally:
-            self.environ = {}
-
-    def fields(self) -> dict:
-        env = self.environ
-        now = time.perf_counter()
-        method = env.get("REQUEST_METHOD", "")
-        target = env.get("RAW_URI", "")
-        protocol = env.get("SERVER_PROTOCOL", "")
-        body = self.request_body
-        end = self.upstream_end
-        return {
-            "time": iso_time(self.start),
-            "time_taken_s": round(now - self.start_perf, 6),
-            "request": env.get("proxy.request_line") or (f"{method} {target} {protocol}" if method else ""),
-            "status": self.status,
-            "bytes": self.header_bytes + self.body_bytes if self.status else 0,
-            "response_body_bytes": self.body_bytes,
-            "content_type": self.content_type,
-            "hostname": env.get("HTTP_HOST"),
-            "referrer": env.get("HTTP_REFERER"),
-            "useragent": env.get("HTTP_USER_AGENT"),
-            "http_x_forwarded_proto": env.get("HTTP_X_FORWARDED_PROTO"),
-            "upstream_status": self.upstream_status,
-            "section_io_id": env.get("HTTP_SECTION_IO_ID"),
-            "method": method,
-            "target": target,
-            "protocol": protocol,
-            "remote_addr": env.get("REMOTE_ADDR"),
-            "true_client_ip": env.get("HTTP_TRUE_CLIENT_IP"),
-            "x_forwarded_for": env.get("HTTP_X_FORWARDED_FOR"),
-            "request_body_bytes": body.bytes_read if body else 0,
-            "upstream_connect_s": None if self.connect_s is None else round(self.connect_s, 6),
-            "upstream_first_byte_s": None if self.first_byte_s is None else round(self.first_byte_s, 6),
-            "upstream_total_s": None if end is None else round(end - self.start_perf, 6),
-            "request_id": self.request_id,
-            "worker_pid": logs.pid,
-            "outcome": self.outcome,
-            **(
-                {
-                    "tunnel_bytes_up": self.tunnel_bytes_up,
-                    "tunnel_bytes_down": self.body_bytes,
-                    "tunnel_end": self.tunnel_end,
-                }
-                if self.tunnel_bytes_up is not None
-                else {}
-            ),
-            **({"error": self.error} if self.error is not None else {}),
-        }
 
 
 class _Logged:
@@ -171,7 +50,7 @@ class _Logged:
 
     __slots__ = ("_body", "_exchange", "_done")
 
-    def __init__(self, body: Iterable[bytes], exchange: Exchange) -> None:
+    def __init__(self, body: Iterable[bytes], exchange: AccessRecord) -> None:
         self._body = body
         self._exchange = exchange
         self._done = False
@@ -260,10 +139,6 @@ def respond(
     return [body]
 
 
-def _codings(value: str) -> list[str]:
-    return [coding.strip(" \t").lower() for coding in value.split(",")]
-
-
 def _client_ip(environ: dict):
     try:
         ip = ipaddress.ip_address(environ.get("HTTP_TRUE_CLIENT_IP", "").strip())
@@ -291,8 +166,9 @@ class Proxy:
     # -- 1. the access record -------------------------------------------------
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
-        exchange = Exchange(environ)
+        exchange = AccessRecord(environ)
         environ["proxy.exchange"] = exchange
+        note_request_fields(environ, request_fields.get())
         # Gunicorn's wsgi.errors writes raw text into the error log file; in
         # workers sys.stderr makes each line a record (proxy.capture.LoggingStream).
         environ["wsgi.errors"] = sys.stderr
@@ -317,18 +193,15 @@ class Proxy:
     def route(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         if environ["REQUEST_METHOD"] == "CONNECT":
             return respond(start_response, 405, headers=[("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
-        codings = environ.get("HTTP_TRANSFER_ENCODING")
-        if codings is not None and [c for c in _codings(codings) if c != "identity"] != ["chunked"]:
-            # Gunicorn accepts ``gzip, chunked`` and passes the gzip-coded
-            # bytes on; forwarded as plain chunked they would change meaning.
+        if not forwardable_transfer_coding(environ.get("HTTP_TRANSFER_ENCODING")):
             return respond(start_response, 501, close=True)
         raw_uri = environ["RAW_URI"]
-        scheme, sep, rest = raw_uri.partition("://")
-        if sep and not raw_uri.startswith("/"):
-            # absolute-form: the target's authority is the request's host
-            # (RFC 9112 section 3.2.2), so Host must say the same to every
-            # rule here and to next-hop, which gets origin-form.
-            environ["HTTP_HOST"] = re.match(r"[^/?#]*", rest)[0].rpartition("@")[2]
+        try:
+            host = absolute_form_host(raw_uri, environ.get("HTTP_HOST"))
+        except InvalidHost as exc:
+            return self.refused(environ, start_response, exc)
+        if host is not None:  # every rule here, and next-hop, see the target's host
+            environ["HTTP_HOST"] = host
         if raw_uri.startswith(HEALTHZ_PATH) and raw_uri[len(HEALTHZ_PATH) : len(HEALTHZ_PATH) + 1] in ("", "?"):
             return self.forward(environ, start_response)
         config = self.config
@@ -352,6 +225,14 @@ class Proxy:
             return self.too_large(environ, start_response)
         return self.user_app(environ, start_response)
 
+    def refused(self, environ: dict, start_response: StartResponse, exc: Exception) -> list[bytes]:
+        """400 and close for a request no rule lets through; the reason goes
+        to the access line (``error``), as for the requests Gunicorn refuses."""
+        record: AccessRecord = environ["proxy.exchange"]
+        record.outcome = "client_error"
+        record.error = str(exc)
+        return respond(start_response, 400, close=True)
+
     def too_large(self, environ: dict, start_response: StartResponse) -> list[bytes]:
         """413 and close, without reading the rest of the body (see _LingeringClose)."""
         environ["proxy.linger"] = True
@@ -364,7 +245,7 @@ class Proxy:
     # -- 4. next-hop --------------------------------------------------------------
 
     def forward(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
-        exchange: Exchange = environ["proxy.exchange"]
+        exchange: AccessRecord = environ["proxy.exchange"]
         config = self.config
         upgrade = is_upgrade(environ)
         if upgrade:
@@ -390,7 +271,7 @@ class Proxy:
     def answer(self, environ: dict, start_response: StartResponse, response: Response) -> Iterable[bytes]:
         """Relay next-hop's answer, or the configured error page in its
         place; after a 101 (only an upgrade request can get one), the tunnel."""
-        exchange: Exchange = environ["proxy.exchange"]
+        exchange: AccessRecord = environ["proxy.exchange"]
         head = response.head
         status = exchange.upstream_status = head.status
         if status in self.config.error_pages:
@@ -409,7 +290,7 @@ class Proxy:
         """The client's body could not be forwarded: 413 past the limit, else 400."""
         if isinstance(exc, BodyTooLarge):
             return self.too_large(environ, start_response)
-        exchange: Exchange = environ["proxy.exchange"]
+        exchange: AccessRecord = environ["proxy.exchange"]
         exchange.outcome = "client_error"
         error_log.warning(
             "%s %s -> 400: %s",
@@ -421,7 +302,7 @@ class Proxy:
         return respond(start_response, 400, close=True)
 
     def upstream_failed(self, environ: dict, start_response: StartResponse, exc: UpstreamError) -> list[bytes]:
-        exchange: Exchange = environ["proxy.exchange"]
+        exchange: AccessRecord = environ["proxy.exchange"]
         exchange.outcome = "upstream_error"
         exchange.upstream_end = time.perf_counter()
         error_log.error(
@@ -453,7 +334,7 @@ class _Relay:
 
     __slots__ = ("_response", "_exchange", "_environ")
 
-    def __init__(self, response: Response, exchange: Exchange, environ: dict) -> None:
+    def __init__(self, response: Response, exchange: AccessRecord, environ: dict) -> None:
         self._response = response
         self._exchange = exchange
         self._environ = environ

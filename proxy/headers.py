@@ -2,15 +2,44 @@
 
 RFC 9110 section 7.6.1: hop-by-hop fields describe one connection and must
 not be forwarded, and neither may any field a ``Connection`` header names.
-Everything else passes in order with every repeated value kept.
+Everything else passes in order with every repeated value kept: repeated
+request fields as the separate lines they came in (Gunicorn's environ joins
+them with commas; see ``note_request_fields``).
+
+Also here: which transfer codings a request may carry, which upgrades are
+tunnelled, the host an absolute-form request is for, and which of the app's
+response fields Gunicorn would drop that the client must still get.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+__all__ = [
+    "HOP_BY_HOP",
+    "Header",
+    "HeaderRules",
+    "InvalidHost",
+    "KeptResponseFields",
+    "absolute_form_host",
+    "connection_tokens",
+    "downstream_response_headers",
+    "forwardable_transfer_coding",
+    "is_upgrade",
+    "kept_response_fields",
+    "note_request_fields",
+    "request_fields",
+    "sendable_head",
+    "transfer_codings",
+    "upgrade_request_headers",
+    "upstream_request_headers",
+    "upstream_target",
+]
 
 HOP_BY_HOP = frozenset(
     {
@@ -76,6 +105,113 @@ def connection_tokens(value: str | None) -> frozenset[str]:
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
 
 
+def transfer_codings(value: str) -> list[str]:
+    """The codings a ``Transfer-Encoding`` value lists, in order, lowercased."""
+    return [coding.strip(" \t").lower() for coding in value.split(",")]
+
+
+def forwardable_transfer_coding(value: str | None) -> bool:
+    """Whether a request's ``Transfer-Encoding`` (None: absent) is one the
+    proxy can forward: none, or exactly ``chunked`` (``identity`` aside).
+    Gunicorn accepts ``gzip, chunked`` and hands over the still-coded
+    bytes; forwarded as plain chunked they would change meaning."""
+    return value is None or [c for c in transfer_codings(value) if c != "identity"] == ["chunked"]
+
+
+def is_upgrade(environ: Mapping[str, Any]) -> bool:
+    """An HTTP/1.1 request asking to switch protocols (RFC 9110 section 7.8;
+    an HTTP/1.0 request's Upgrade is ignored). An offer of ``h2c`` is never
+    tunnelled (it goes on as an ordinary request, without Upgrade): HTTP/2
+    straight to next-hop would carry any number of further requests past
+    every rule here ("h2c smuggling"), and RFC 9113 retired that upgrade."""
+    upgrade = environ.get("HTTP_UPGRADE", "")
+    return (
+        bool(upgrade.strip())
+        and "h2c" not in connection_tokens(upgrade)
+        and environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+        and "upgrade" in connection_tokens(environ.get("HTTP_CONNECTION"))
+    )
+
+
+def upgrade_request_headers(environ: Mapping[str, Any], request_id: str) -> list[Header]:
+    """The client's headers for next-hop, keeping Upgrade and exactly one
+    ``Connection: Upgrade`` (the client's own Connection header may list
+    other hop-by-hop tokens, such as keep-alive, that must not go on)."""
+    headers = upstream_request_headers(environ, request_id, keep_upgrade=True)
+    headers = [(name, value) for name, value in headers if name.lower() != "connection"]
+    headers.append(("Connection", "Upgrade"))
+    return headers
+
+
+class InvalidHost(ValueError):
+    """The request names no host it can be forwarded for (answered with 400)."""
+
+
+_AUTHORITY = re.compile(r"[^/?#]*")
+
+
+def absolute_form_host(raw_uri: str, host: str | None) -> str | None:
+    """The Host every rule here and next-hop must see for an absolute-form
+    request (``GET http://example.com/x``): the target's authority, without
+    userinfo (RFC 9112 section 3.2.2; next-hop gets origin-form, so only
+    Host can carry it). None for the other forms: Host stays as sent.
+
+    Raises InvalidHost when the client's ``Host`` field is empty or only
+    whitespace (it must be identical to the authority, so it is not a
+    field a client can leave blank and still mean the target's host), or
+    when the target's host is empty (RFC 9110 section 4.2.1)."""
+    if raw_uri.startswith("/"):
+        return None
+    _, sep, rest = raw_uri.partition("://")
+    if not sep:
+        return None
+    authority = _AUTHORITY.match(rest)[0].rpartition("@")[2]  # type: ignore[index]
+    if host is not None and not host.strip(" \t"):
+        raise InvalidHost(f"absolute-form target {raw_uri!r} with an empty Host field")
+    if not authority or authority.startswith(":"):
+        raise InvalidHost(f"absolute-form target {raw_uri!r} names no host")
+    return authority
+
+
+#: The field lines of the request this greenlet is handling, as Gunicorn
+#: parsed them (``req.headers``: uppercased names, in order). Set by the
+#: worker, which has them, for the app, which gets only the environ.
+request_fields: ContextVar[Sequence[tuple[str, str]] | None] = ContextVar("proxy_request_fields", default=None)
+
+#: Environ key: ``{environ key: (values in order, the environ value they made)}``
+#: for every request field that came in more than one line.
+_REPEATED = "proxy.repeated_fields"
+
+
+def note_request_fields(environ: MutableMapping[str, Any], fields: Sequence[tuple[str, str]] | None) -> None:
+    """Keep the lines of every repeated request field, so that each reaches
+    next-hop as it came (``upstream_request_headers``).
+
+    Gunicorn's environ joins repeated fields with commas. That is what RFC
+    9110 section 5.3 allows for list fields, but not for ``Cookie`` (two
+    lines, as an HTTP/2 hop in front may send, would read as one cookie
+    ``a`` worth ``1,b=2``): the environ's ``HTTP_COOKIE`` becomes the lines
+    joined with ``; `` (RFC 9113 section 8.2.3), which is what middleware
+    reading it needs. Nothing is done when no name repeats (the usual case).
+    """
+    if not fields or len({name for name, _ in fields}) == len(fields):
+        return
+    seen: set[str] = set()
+    again: set[str] = set()
+    for name, _ in fields:
+        (again if name in seen else seen).add(name)
+    repeated: dict[str, tuple[tuple[str, ...], str]] = {}
+    for name in again:
+        key = "HTTP_" + name.replace("-", "_")
+        if key not in environ:  # CONTENT-TYPE and CONTENT-LENGTH are not HTTP_ keys
+            continue
+        lines = tuple(value for other, value in fields if other == name)
+        if key == "HTTP_COOKIE" and environ[key] == ",".join(lines):
+            environ[key] = "; ".join(lines)
+        repeated[key] = (lines, environ[key])
+    environ[_REPEATED] = repeated
+
+
 _environ_names: dict[str, str] = {}
 
 
@@ -90,17 +226,19 @@ def _environ_name(key: str) -> str:
 
 
 def upstream_request_headers(
-    environ: Mapping[str, object],
+    environ: Mapping[str, Any],
     request_id: str,
     keep_upgrade: bool = False,
 ) -> list[Header]:
     """Headers for next-hop, built from the WSGI environ.
 
     Built from the environ (not the raw request) so that user middleware can
-    add or change headers the WSGI way. Gunicorn joins repeated request
-    fields with commas, which RFC 9110 section 5.3 makes equivalent.
+    add or change headers the WSGI way. A field that came in several lines
+    goes on as those lines, in order, unless its environ value was changed
+    (then that value wins, as one line); ``X-Forwarded-For`` is always one
+    line, the client's address appended to what came.
     """
-    options = connection_tokens(environ.get("HTTP_CONNECTION")) - _NEVER_CONNECTION_OPTIONS  # type: ignore[arg-type]
+    options = connection_tokens(environ.get("HTTP_CONNECTION")) - _NEVER_CONNECTION_OPTIONS
     drop = _NOT_FORWARDED_UPSTREAM | options
     if keep_upgrade:
         # Upgrade goes on; the client's Connection does not (its other
@@ -109,6 +247,7 @@ def upstream_request_headers(
     out: list[Header] = []
     xff = None
     has_request_id = False
+    repeated: dict[str, tuple[tuple[str, ...], str]] | None = environ.get(_REPEATED)
     for key, value in environ.items():
         if not key.startswith("HTTP_"):
             continue
@@ -121,6 +260,11 @@ def upstream_request_headers(
             continue
         if lower == "x-request-id":
             has_request_id = True
+        if repeated and key in repeated:
+            lines, made = repeated[key]
+            if value == made:
+                out.extend((name, line) for line in lines)
+                continue
         out.append((name, value))
     if keep_upgrade:
         out.append(("Connection", "Upgrade"))
@@ -184,3 +328,37 @@ def downstream_response_headers(headers: Iterable[Header], connection: str | Non
     """Headers for the client: the origin's, minus hop-by-hop ones."""
     drop = _not_forwarded_downstream(connection)
     return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+class KeptResponseFields(NamedTuple):
+    """What ``kept_response_fields`` decided for one response."""
+
+    #: Fields to put back after Gunicorn's checks, in order.
+    fields: list[Header]
+    #: The app's response has its own ``Server`` / ``Date``.
+    server: bool
+    date: bool
+    #: The app's response asks to close the client connection.
+    close: bool
+
+
+def kept_response_fields(headers: Iterable[Header]) -> KeptResponseFields:
+    """Of the app's response fields, those Gunicorn drops as if hop-by-hop
+    that the client must still get: the origin's ``Server`` and ``Date`` (a
+    proxy does not rewrite who answered, or when), whitespace-trimmed as
+    Gunicorn trims the rest. And whether ``Connection`` says ``close``:
+    Gunicorn drops that too and would keep the connection, which, after a
+    refused body, would mean reading that body to its end."""
+    kept: list[Header] = []
+    server = date = close = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "server":
+            server = True
+            kept.append((name, value.strip(" \t")))
+        elif lower == "date":
+            date = True
+            kept.append((name, value.strip(" \t")))
+        elif lower == "connection" and "close" in connection_tokens(value):
+            close = True
+    return KeptResponseFields(kept, server, date, close)

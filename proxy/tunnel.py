@@ -35,19 +35,19 @@ import gevent
 from gunicorn.workers.base_async import ALREADY_HANDLED
 
 from . import internals
-from .headers import Header, connection_tokens, upstream_request_headers
+from .headers import Header
 from .logs import error_log
 from .sockets import BLOCK_SIZE
 from .upstream import Response
 
-__all__ = ["ALREADY_HANDLED", "TunnelRecord", "is_upgrade", "tunnel", "upgrade_request_headers"]
+__all__ = ["ALREADY_HANDLED", "TunnelRecord", "tunnel"]
 
 #: Seconds the two halves of a closing tunnel get to stop.
 SPLICE_STOP_WAIT = 1.0
 
 
 class TunnelRecord(Protocol):
-    """What a tunnel notes in the request's access record (``app.Exchange``)."""
+    """What a tunnel notes in the request's access record (``access.AccessRecord``)."""
 
     request_id: str
     status: int
@@ -59,31 +59,6 @@ class TunnelRecord(Protocol):
     tunnel_end: str | None
 
     def log(self) -> None: ...
-
-
-def is_upgrade(environ: Mapping[str, Any]) -> bool:
-    """An HTTP/1.1 request asking to switch protocols (RFC 9110 section 7.8;
-    an HTTP/1.0 request's Upgrade is ignored). An offer of ``h2c`` is never
-    tunnelled (it goes on as an ordinary request, without Upgrade): HTTP/2
-    straight to next-hop would carry any number of further requests past
-    every rule here ("h2c smuggling"), and RFC 9113 retired that upgrade."""
-    upgrade = environ.get("HTTP_UPGRADE", "")
-    return (
-        bool(upgrade.strip())
-        and "h2c" not in connection_tokens(upgrade)
-        and environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
-        and "upgrade" in connection_tokens(environ.get("HTTP_CONNECTION"))
-    )
-
-
-def upgrade_request_headers(environ: Mapping[str, Any], request_id: str) -> list[Header]:
-    """The client's headers for next-hop, keeping Upgrade and exactly one
-    ``Connection: Upgrade`` (the client's own Connection header may list
-    other hop-by-hop tokens, such as keep-alive, that must not go on)."""
-    headers = upstream_request_headers(environ, request_id, keep_upgrade=True)
-    headers = [(name, value) for name, value in headers if name.lower() != "connection"]
-    headers.append(("Connection", "Upgrade"))
-    return headers
 
 
 def tunnel(

@@ -35,6 +35,8 @@ import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from . import balance, capture, internals
+from .access import record_rejected
+from .headers import kept_response_fields, request_fields
 from .logs import access_logged, error_log, log_files_moved, serving
 from .sockets import BLOCK_SIZE, send_all
 
@@ -71,19 +73,15 @@ class ProxyResponse(internals.GunicornResponse):
     _head: bytes | None = None
 
     def process_headers(self, headers: list[tuple[str, str]]) -> None:
-        # Gunicorn validates every header, then drops Server and Date as if
-        # they were hop-by-hop; put the origin's back.
+        # Gunicorn validates every header, then drops what it treats as
+        # hop-by-hop; put back what the client must still get.
         super().process_headers(headers)
-        for name, value in headers:
-            lower = name.lower()
-            if lower == "server":
-                self.origin_server = True
-                self.headers.append((name, value.strip(" \t")))
-            elif lower == "date":
-                self.origin_date = True
-                self.headers.append((name, value.strip(" \t")))
-            elif lower == "connection" and value.strip().lower() == "close":
-                self.must_close = True
+        kept = kept_response_fields(headers)
+        self.headers.extend(kept.fields)
+        self.origin_server = kept.server
+        self.origin_date = kept.date
+        if kept.close:
+            self.must_close = True
 
     def default_headers(self) -> list[str]:
         if self.upgrade:
@@ -227,43 +225,9 @@ class _CountingSocket:
 
 
 def log_rejected(req, addr, exc: BaseException, sock: _CountingSocket, started: tuple[float, float]) -> None:
-    """The access line of a request Gunicorn rejected before the app saw it.
-
-    ``req`` is what was parsed: a request (head complete or partial), the
-    raw request line Gunicorn could not parse (a string), or nothing.
-    """
-    from .app import Exchange  # the app is loaded in workers only
-
-    environ: dict = {"REMOTE_ADDR": (addr or ("",))[0]}
-    if isinstance(req, str):
-        environ["proxy.request_line"] = req
-    elif req is not None:
-        environ["REQUEST_METHOD"] = getattr(req, "method", None) or ""
-        environ["RAW_URI"] = getattr(req, "uri", None) or ""
-        version = getattr(req, "version", None)
-        if version:
-            environ["SERVER_PROTOCOL"] = f"HTTP/{version[0]}.{version[1]}"
-        for name, value in getattr(req, "headers", None) or ():
-            key = "HTTP_" + name.upper().replace("-", "_")
-            environ[key] = f"{environ[key]},{value}" if key in environ else value
-    exchange = Exchange(environ)
-    exchange.start, exchange.start_perf = started
-    head = sock.head
-    if head[:5] == b"HTTP/" and head[9:12].isdigit():
-        exchange.status = int(head[9:12])
-        for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-type":
-                exchange.content_type = value.strip().decode("latin-1")
-    if sock.sent:
-        header_end = head.find(b"\r\n\r\n")
-        exchange.header_bytes = sock.sent if header_end == -1 else header_end + 4
-        exchange.body_bytes = sock.sent - exchange.header_bytes
-    exchange.outcome = (
-        "client_abort" if sock.failed or not head else "client_error" if exchange.status < 500 else "error"
-    )
-    exchange.error = str(exc)
-    exchange.log()
+    """The access line of a request Gunicorn rejected before the app saw it."""
+    record = record_rejected(req, (addr or ("",))[0], str(exc), sock.head, sock.sent, sock.failed, started)
+    record.log()
 
 
 class ProxyWorker(GeventWorker):
@@ -316,7 +280,14 @@ class ProxyWorker(GeventWorker):
     def handle_request(self, listener_name, req, sock, addr):
         gevent.sleep(FAIR_YIELD_S)
         access_logged.set(False)
-        handled = super().handle_request(listener_name, req, sock, addr)
+        # The app gets the environ, whose repeated fields Gunicorn joined:
+        # the field lines as they came go along (see proxy.headers).
+        request_fields.set(req.headers)
+        try:
+            handled = super().handle_request(listener_name, req, sock, addr)
+        finally:
+            request_fields.set(None)
+        # Not on an exception: handle_error must still see this request's line.
         access_logged.set(False)  # what fails next on this connection is a new request
         return handled
 
