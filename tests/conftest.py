@@ -98,6 +98,21 @@ def socket_inode(local_port: int, remote_port: int) -> int | None:
     return None
 
 
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT"}
+TCP_STATES |= {7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
+
+
+def tcp_states(remote_port: int) -> list[str]:
+    """The states of the IPv4 TCP sockets connected to ``remote_port`` (from
+    /proc/net/tcp): ``CLOSE_WAIT`` says the peer's FIN has arrived."""
+    states = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == remote_port:
+            states.append(TCP_STATES.get(int(fields[3], 16), fields[3]))
+    return states
+
+
 def socket_owner(pids: list[int], inode: int) -> int | None:
     """Which of ``pids`` holds the socket with this inode."""
     target = f"socket:[{inode}]"

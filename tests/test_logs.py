@@ -725,6 +725,7 @@ REQUESTS_BETWEEN_ROTATIONS = 150
 MAX_REQUESTS_PER_CLIENT = 3000
 
 
+@pytest.mark.slow
 @needs_logrotate
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_no_line_lost_or_torn_across_rotations(make_proxy, fmt):
