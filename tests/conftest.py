@@ -9,10 +9,11 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-from origin import Origin
+from origin import Origin, Received
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = ROOT / "hooks"
@@ -32,6 +33,28 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def forwarded_before_marker(proxy: Proxy, origin: Origin, headers: dict | None = None) -> list[Received]:
+    """What ``origin`` received before a marker request sent through ``proxy`` now.
+
+    The bound of a check that something was NOT forwarded: rather than wait
+    a while and look, send a marker after the request that must not pass and
+    wait for the marker at the origin. The test proxies run one worker with
+    one pool, so a forward of the earlier request would be on its way (and
+    recorded, as the origin records a request before it answers) by the time
+    the marker's answer comes back. ``headers`` get the marker past rules
+    that would answer it in the proxy (access control, HTTPS redirect).
+    """
+    marker = f"/.marker/{uuid.uuid4().hex}"
+    response, _ = proxy.request("GET", marker, headers=headers)
+    assert response.status == 200, f"marker request answered {response.status}"
+
+    def position() -> int | None:
+        targets = [r.target for r in origin.requests]
+        return targets.index(marker) + 1 if marker in targets else None
+
+    return origin.requests[: wait_for(position, timeout=10, what=f"marker {marker} at the origin") - 1]
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
@@ -73,6 +96,21 @@ def socket_inode(local_port: int, remote_port: int) -> int | None:
         if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == remote_port:
             return int(fields[9])
     return None
+
+
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT"}
+TCP_STATES |= {7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
+
+
+def tcp_states(remote_port: int) -> list[str]:
+    """The states of the IPv4 TCP sockets connected to ``remote_port`` (from
+    /proc/net/tcp): ``CLOSE_WAIT`` says the peer's FIN has arrived."""
+    states = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == remote_port:
+            states.append(TCP_STATES.get(int(fields[3], 16), fields[3]))
+    return states
 
 
 def socket_owner(pids: list[int], inode: int) -> int | None:

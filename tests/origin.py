@@ -1,8 +1,11 @@
 """A scriptable HTTP/1.1 origin for the tests, on raw sockets in threads.
 
-It records exactly what it receives (raw head bytes, body size and hash,
-per-connection request counts) and misbehaves on request: stall, reset,
-truncate, close a kept-alive connection as it is reused. Paths:
+It records exactly what it receives (raw head bytes, header fields in their
+original case and order, body size and hash, per-connection request counts)
+and misbehaves on request: stall, reset, truncate, close a kept-alive
+connection as it is reused. Requests are read with h11 (``RequestReader``),
+not by hand, so the oracle shares no parsing with the proxy under test; the
+answers are written as raw bytes, broken ones included. Paths:
 
 - ``/bytes/N``            N bytes, Content-Length framing
 - ``/chunked/N``          N bytes, chunked framing
@@ -30,15 +33,86 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import h11
+
+__all__ = ["PATTERN", "Origin", "Received", "RequestReader", "pattern_bytes"]
+
 PATTERN = bytes(range(256)) * 4096  # 1 MiB
+MAX_HEAD = 1 << 20  # h11's bound on a request head; the proxy's own limits are far lower
 
 
 def pattern_bytes(n: int) -> bytes:
     """The first ``n`` bytes of the repeating pattern the origin serves."""
     full, rest = divmod(n, len(PATTERN))
     return PATTERN * full + PATTERN[:rest]
+
+
+class RequestReader:
+    """Requests off one socket, read by h11, with each head's bytes as they arrived.
+
+    A fresh server-side ``h11.Connection`` reads each request: the origins
+    write their answers as raw bytes (some deliberately broken), so h11
+    never sees a response and could not move on to the next request itself.
+    Bytes read past a request (the next pipelined one, or what follows an
+    Upgrade) are carried over in ``pending``.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending = b""
+        self.eof = False
+        self._parser = h11.Connection(h11.SERVER)
+
+    def _feed(self) -> bytes:
+        """One read from the socket into the parser; b"" at the end of the stream."""
+        data = b"" if self.eof else self.sock.recv(65536)
+        self.eof = not data
+        self._parser.receive_data(data)
+        return data
+
+    def head(self) -> tuple[h11.Request, bytes] | None:
+        """The next request and its raw head (no leading empty lines, no final
+        CRLFs); None on a clean end of stream. Raises ``h11.RemoteProtocolError``
+        on anything h11 refuses, a stream cut mid-head included."""
+        fed = self.pending
+        while True:  # RFC 9112 section 2.2: empty lines before a request line are ignored
+            while fed[:1] == b"\n" or fed[:2] == b"\r\n":
+                fed = fed[1:] if fed[:1] == b"\n" else fed[2:]
+            if fed:
+                break
+            fed = b"" if self.eof else self.sock.recv(65536)
+            if not fed:
+                self.eof = True
+                return None
+        self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._parser.receive_data(fed)
+        while True:
+            event = self._parser.next_event()
+            if isinstance(event, h11.Request):
+                used = len(fed) - len(self._parser.trailing_data[0])
+                return event, fed[:used].rstrip(b"\r\n")
+            if event is h11.NEED_DATA:
+                fed += self._feed()
+            else:
+                raise h11.RemoteProtocolError(f"unexpected {event!r} before a request")
+
+    def body(self) -> Iterator[bytes]:
+        """The current request's body, as h11 de-frames it; raises
+        ``h11.RemoteProtocolError`` if the stream ends before it does."""
+        while True:
+            event = self._parser.next_event()
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self.pending = self._parser.trailing_data[0]
+                return
+            elif event is h11.NEED_DATA:
+                self._feed()
+            else:
+                raise h11.RemoteProtocolError(f"unexpected {event!r} in a request body")
 
 
 @dataclass
@@ -106,32 +180,33 @@ class Origin:
             threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
 
     def _serve(self, conn: socket.socket, number: int) -> None:
-        reader = conn.makefile("rb")
+        reader = RequestReader(conn)
         drop_next = False
         try:
             while True:
-                head = self._read_head(reader)
-                if head is None:
+                parsed = reader.head()
+                if parsed is None:
                     return
-                request_line, *lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = request_line.split(" ", 2)
-                headers = []
-                for line in lines:
-                    if line:
-                        name, _, value = line.partition(":")
-                        headers.append((name, value.strip()))
-                received = Received(number, method, target, head, headers)
-                self._read_body(reader, received)
+                request, head = parsed
+                headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw_items()]
+                received = Received(
+                    number, request.method.decode("latin-1"), request.target.decode("latin-1"), head, headers
+                )
+                digest = hashlib.sha256()
+                for data in reader.body():
+                    digest.update(data)
+                    received.body_length += len(data)
+                received.body_sha256 = digest.hexdigest()
                 with self._lock:
                     self.requests.append(received)
                 if drop_next:
                     return
                 keep = self._answer(conn, received)
-                if target == "/drop-next":
+                if received.target == "/drop-next":
                     drop_next = True
                 if not keep or (received.header("Connection") or "").lower() == "close":
                     return
-        except (OSError, ValueError):  # the peer went away mid-request
+        except (OSError, h11.RemoteProtocolError):  # the peer went away mid-request, or sent no HTTP/1.1
             return
         finally:
             with self._lock:
@@ -141,51 +216,6 @@ class Origin:
                 conn.close()
             except OSError:
                 pass
-
-    @staticmethod
-    def _read_head(reader) -> bytes | None:
-        lines = []
-        while True:
-            line = reader.readline(65537)
-            if not line:
-                return None
-            if line in (b"\r\n", b"\n"):
-                if lines:
-                    return b"".join(lines).rstrip(b"\r\n")
-                continue
-            lines.append(line)
-
-    @staticmethod
-    def _read_body(reader, received: Received) -> None:
-        digest = hashlib.sha256()
-        length = 0
-        if "chunked" in (received.header("Transfer-Encoding") or "").lower():
-            while True:
-                size = int(reader.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while reader.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                remaining = size
-                while remaining:
-                    data = reader.read(min(remaining, 1 << 20))
-                    if not data:
-                        raise OSError("eof in chunk")
-                    digest.update(data)
-                    remaining -= len(data)
-                length += size
-                reader.readline()
-        else:
-            remaining = int(received.header("Content-Length") or 0)
-            while remaining:
-                data = reader.read(min(remaining, 1 << 20))
-                if not data:
-                    raise OSError("eof in body")
-                digest.update(data)
-                remaining -= len(data)
-                length += len(data)
-        received.body_length = length
-        received.body_sha256 = digest.hexdigest()
 
     def _answer(self, conn: socket.socket, req: Received) -> bool:
         parts = req.target.split("?")[0].strip("/").split("/")
@@ -222,15 +252,15 @@ class Origin:
             step = max(1, n // 10)
             for i in range(0, n, step):
                 conn.sendall(data[i : i + step])
-                time.sleep(seconds / 10)
+                time.sleep(seconds / 10)  # the stimulus: an origin slow to send its body
         elif kind == "stall":
-            time.sleep(3600)
+            time.sleep(3600)  # the stimulus: an origin that never answers
             return False
         elif kind in ("truncate", "reset"):
             n = int(parts[1])
             send_head("200 OK", [("Content-Length", str(n))])
             conn.sendall(pattern_bytes(n // 2))
-            time.sleep(0.2)
+            time.sleep(0.2)  # the stimulus: the failure comes mid-body, after a pause, not with the head
             if kind == "reset":
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False

@@ -6,7 +6,8 @@ request is parsed with a *strict* RFC 9112 reader that notes anything a
 lenient server could read differently (``Request.problems``): bare LF or CR,
 obs-fold, whitespace before a colon, control bytes, duplicate or non-numeric
 Content-Length, Content-Length together with Transfer-Encoding, any transfer
-coding other than a lone ``chunked``, malformed chunk-size lines. A proxy
+coding other than a lone ``chunked``, malformed chunk-size lines, and any
+head h11 (a second, independent reader) refuses. A proxy
 that forwards an ambiguous request shows up as a problem; a proxy that turns
 one client request into two shows up as two ``Request`` records.
 
@@ -29,6 +30,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import h11
 
 TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 FIELD_VALUE = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
@@ -396,7 +399,24 @@ def read_head(reader: _Reader, conn: int, index: int) -> Request | None:
         leading = leading.lstrip(b"\r\n")
     parse_head(leading[:-4], request)
     request.framing, request.length = framing_of(request)
+    refusal = h11_refusal(leading)
+    if refusal:
+        request.problems.append(f"h11 refuses the head: {refusal}")
     return request
+
+
+def h11_refusal(head: bytes) -> str | None:
+    """Why h11, read as a second opinion independent of the strict reader
+    above, refuses this request head (ending in its blank line); None if it
+    reads it. The strict reader stays: it names each problem and reads on
+    past one, so a request smuggled behind it shows up as its own record."""
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    parser.receive_data(head)
+    try:
+        event = parser.next_event()
+    except h11.RemoteProtocolError as exc:
+        return str(exc)
+    return None if isinstance(event, h11.Request) else f"no request: {event!r}"
 
 
 def read_body(reader: _Reader, request: Request) -> None:

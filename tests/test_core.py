@@ -87,7 +87,7 @@ def test_one_gib_download_and_upload_keep_worker_memory_bounded(shared_proxy, or
     def sample():
         while not done.is_set():
             peak[0] = max(peak[0], rss_kib(worker))
-            time.sleep(0.05)
+            time.sleep(0.05)  # the sampling period, not a wait for anything
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -452,7 +452,7 @@ def test_a_killed_worker_is_replaced_while_others_serve(make_proxy):
 # -- 8. graceful shutdown -------------------------------------------------------------
 
 
-def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(make_proxy):
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(make_proxy, origin):
     proxy = make_proxy()
     result = {}
 
@@ -465,7 +465,7 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(make_proxy):
     idle.getresponse().read()  # an idle keep-alive connection must not delay the exit
     thread = threading.Thread(target=slow_request)
     thread.start()
-    time.sleep(0.5)
+    wait_for(lambda: any(r.target == "/slow/50000/3" for r in origin.requests), what="the request in flight")
     started = time.monotonic()
     proxy.signal(signal.SIGTERM)
     wait_for(lambda: _refused(proxy.port), timeout=5, what="listener to close")

@@ -201,6 +201,15 @@ def test_update_with_a_stale_pidfile_succeeds(make_proxy):
     assert result.stderr == ""
 
 
+def pending_signals(pid: int) -> set[int]:
+    """Signals sent to the process ``pid`` and not yet handled (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("ShdPnd:"):
+            mask = int(line.split()[1], 16)
+            return {n + 1 for n in range(64) if mask >> n & 1}
+    return set()
+
+
 def test_update_with_an_invalid_configuration_touches_nothing(make_proxy):
     proxy = make_proxy(config=RULE.format("v1"))
     workers = proxy.workers()
@@ -208,7 +217,11 @@ def test_update_with_an_invalid_configuration_touches_nothing(make_proxy):
     result = proxy.hook("update")
     assert result.returncode == 1
     assert "upstream.read_timeout" in result.stderr and "proxy.toml:4" in result.stderr
-    time.sleep(1)
+    # The master handles signals in order: once it has logged a SIGWINCH sent
+    # now, it would have logged (and begun) a reload that update.sh asked for.
+    proxy.signal(signal.SIGWINCH)
+    wait_for(lambda: "Handling signal: winch" in proxy.error_log(), what="the master to handle SIGWINCH")
+    assert "Handling signal: hup" not in proxy.error_log()
     assert proxy.workers() == workers
     assert rule_of(proxy) == "v1"
 
@@ -229,7 +242,7 @@ def test_update_applies_a_valid_configuration_with_new_workers(make_proxy):
     assert [rule_of(proxy) for _ in range(10)] == ["v2"] * 10
 
 
-def test_update_lets_in_flight_requests_finish(make_proxy):
+def test_update_lets_in_flight_requests_finish(make_proxy, origin):
     proxy = make_proxy(config=RULE.format("v1"))
     result = {}
 
@@ -239,7 +252,7 @@ def test_update_lets_in_flight_requests_finish(make_proxy):
 
     thread = threading.Thread(target=slow)
     thread.start()
-    time.sleep(0.5)
+    wait_for(lambda: any(r.target == "/slow/200000/3" for r in origin.requests), what="the request in flight")
     (proxy.config_dir / "proxy.toml").write_text(RULE.format("v2"))
     update = proxy.hook("update")
     thread.join(30)
@@ -443,7 +456,7 @@ def test_update_with_the_master_gone_mid_reload_is_an_error(make_proxy):
         runner = subprocess.Popen(
             ["bash", str(HOOKS / "update.sh")], env=proxy.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        time.sleep(1.5)
+        wait_for(lambda: signal.SIGHUP in pending_signals(proxy.pid), what="update.sh's SIGHUP to the stopped master")
         proxy.process.kill()
         proxy.process.wait(10)
         out, err = runner.communicate(timeout=30)
@@ -488,19 +501,19 @@ def test_reloads_close_idle_keepalive_connections_cleanly(make_proxy):
             except Exception as exc:
                 with lock:
                     errors.append(f"{index}/{n}: {exc!r}")
-            time.sleep(rnd.uniform(0.8, 1.5))
+            time.sleep(rnd.uniform(0.8, 1.5))  # the stimulus: a client pausing between requests
         pool.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
     for thread in threads:
         thread.start()
     try:
-        time.sleep(2)
+        wait_for(lambda: len(done) >= 2 * len(threads), what="every client past its first pause")
         for version in range(1, 6):
             (proxy.config_dir / "proxy.toml").write_text(RULE.format(f"v{version}"))
             result = proxy.hook("update")
             assert result.returncode == 0, result.stderr
-            time.sleep(0.5)
+            time.sleep(0.5)  # the stimulus: reloads spaced as a platform's are, not back to back
     finally:
         stop.set()
         for thread in threads:

@@ -22,10 +22,11 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import pytest
-from conftest import Proxy, socket_inode, socket_owner, wait_for
+from conftest import Proxy, socket_inode, socket_owner, tcp_states, wait_for
 from raw_origin import Malformed, RawOrigin, Reply, Response, parse_response, split_responses
 
 # -- the client side of the harness ---------------------------------------------------
@@ -105,10 +106,16 @@ def _read(sock: socket.socket, responses: int, timeout: float, linger: float, he
     return Talk(data, closed, reset, split_responses(data, closed=True, head_requests=head_requests))
 
 
-def assert_nothing_forwarded(origin: RawOrigin) -> None:
-    time.sleep(0.05)  # any stray byte would be on its way by now
-    assert origin.all_bytes() == b"", origin.all_bytes()[:300]
-    assert origin.received() == []
+def assert_nothing_forwarded(port: int, origin: RawOrigin) -> None:
+    """Not a byte reached the origin, up to a marker request sent after the
+    refused one: the proxy answers the marker only once the origin has read
+    it, and a stray forward would have gone out before it."""
+    marker = b"/.marker/%s" % uuid.uuid4().hex.encode()
+    got = talk(port, get(marker))
+    assert answer_to(got.responses[0], "GET", marker.decode()), got.data[:300]
+    [arrived] = [r for r in origin.received() if r.target == marker]
+    assert origin.all_bytes().replace(arrived.raw_head, b"", 1) == b"", origin.all_bytes()[:300]
+    assert origin.received() == [arrived]
 
 
 def assert_aborted_upstream(origin: RawOrigin) -> None:
@@ -288,7 +295,7 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(port, origin, na
         # never buffered), the request is aborted there.
         assert_aborted_upstream(origin)
     else:
-        assert_nothing_forwarded(origin)
+        assert_nothing_forwarded(port, origin)
 
 
 #: Requests with one clear framing: forwarded as exactly the requests the
@@ -474,7 +481,7 @@ def test_injection_attempts_are_refused(port, origin, name):
         return
     assert got.statuses == [400], got.data[:300]
     assert got.closed
-    assert_nothing_forwarded(origin)
+    assert_nothing_forwarded(port, origin)
 
 
 def test_8_bit_field_values_pass_byte_for_byte_and_nothing_else(port, origin):
@@ -593,7 +600,7 @@ def test_request_line_at_the_limit_passes_and_one_byte_more_is_414(port, origin)
     origin.reset()
     got = talk(port, b"GET " + target + b"a HTTP/1.1\r\n" + H + b"\r\n", linger=5)
     assert got.statuses == [414] and got.closed
-    assert_nothing_forwarded(origin)
+    assert_nothing_forwarded(port, origin)
 
 
 def test_huge_request_line_is_414_or_reset(port, origin):
@@ -602,7 +609,7 @@ def test_huge_request_line_is_414_or_reset(port, origin):
     # (unread input) before the 414 is read.
     assert got.statuses == [414] or (got.reset and not got.responses), got.data[:200]
     assert got.closed
-    assert_nothing_forwarded(origin)
+    assert_nothing_forwarded(port, origin)
 
 
 def test_100_fields_pass_and_101_are_431(port, origin):
@@ -612,7 +619,7 @@ def test_100_fields_pass_and_101_are_431(port, origin):
     origin.reset()
     got = talk(port, get(fields=fields + b"X-One-Too-Many: v\r\n"), linger=5)
     assert got.statuses == [431] and got.closed
-    assert_nothing_forwarded(origin)
+    assert_nothing_forwarded(port, origin)
 
 
 def test_field_at_the_size_limit_passes_and_one_byte_more_is_431(port, origin):
@@ -624,7 +631,7 @@ def test_field_at_the_size_limit_passes_and_one_byte_more_is_431(port, origin):
     origin.reset()
     got = talk(port, get(fields=name + value + b"v\r\n"), linger=5)
     assert got.statuses == [431] and got.closed
-    assert_nothing_forwarded(origin)
+    assert_nothing_forwarded(port, origin)
 
 
 @pytest.mark.parametrize("size", [1_000_000, 10_000_000])
@@ -632,7 +639,7 @@ def test_endless_head_is_431_or_reset(port, origin, size):
     got = talk(port, b"GET /i HTTP/1.1\r\n" + H + b"X-F: v\r\n" * (size // 8), linger=5, timeout=20)
     assert got.statuses == [431] or (got.reset and not got.responses), got.data[:200]
     assert got.closed
-    assert_nothing_forwarded(origin)
+    assert_nothing_forwarded(port, origin)
 
 
 class Dribbler:
@@ -685,6 +692,7 @@ class Dribbler:
             sock.close()
 
 
+@pytest.mark.slow
 def test_slowloris_is_cut_off_by_the_header_timeout_without_starving_others(make_proxy, raw_origin):
     """A client dribbling its head is closed once the keep-alive timeout
     (which Gunicorn's gevent worker applies to reading a request head)
@@ -708,7 +716,7 @@ def test_slowloris_is_cut_off_by_the_header_timeout_without_starving_others(make
             got = talk(proxy.port, b"GET /normal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=5)
             latencies.append(time.monotonic() - started)
             assert got.statuses == [200], got.data[:200]
-            time.sleep(0.1)
+            time.sleep(0.1)  # the stimulus: a probe every 0.1 s while the slow clients hang on
         # Starved, they would wait for the slow clients' cut-off (2 s).
         assert sorted(latencies)[len(latencies) // 2] < 0.5 and max(latencies) < 1.5, latencies
         for dribbler in dribblers:
@@ -721,6 +729,7 @@ def test_slowloris_is_cut_off_by_the_header_timeout_without_starving_others(make
     assert raw_origin.received("/slow") == []
 
 
+@pytest.mark.slow
 def test_thousands_of_idle_connections_do_not_block_new_ones(make_proxy, raw_origin):
     import resource
 
@@ -909,7 +918,7 @@ def test_late_body_after_a_bodiless_answer_never_answers_the_next_request(port, 
 
     def late_body(origin_, conn, request):
         conn.sendall(head)
-        time.sleep(0.5)
+        time.sleep(0.5)  # the stimulus: the stray body comes late, once the connection is back in the pool
         return Reply(POISON)
 
     origin.on("/bodiless", late_body)
@@ -919,7 +928,7 @@ def test_late_body_after_a_bodiless_answer_never_answers_the_next_request(port, 
         for i in range(3):  # while the late body is on its way
             got = talk(port, get(b"/next/%d" % i))
             assert answer_to(got.responses[0], "GET", f"/next/{i}"), got.data[:300]
-            time.sleep(0.2)
+            time.sleep(0.2)  # the stimulus: requests spread over the time the late body takes
 
 
 #: Chunked bodies from next-hop with framing RFC 9112 section 7.1 does not
@@ -1019,7 +1028,7 @@ def test_pooled_connection_closed_while_idle_is_not_used(fresh_port, origin):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(get(b"/warm"))
         assert _read(sock, 1, 10, 0).statuses == [200]
-        time.sleep(0.2)
+        wait_for(lambda: "CLOSE_WAIT" in tcp_states(origin.port), what="the origin's FIN at the pooled connection")
         sock.sendall(get(b"/after"))
         got = _read(sock, 1, 10, 0)
     assert answer_to(got.responses[0], "GET", "/after")
@@ -1086,7 +1095,7 @@ def test_kill_9_of_a_worker_fails_only_its_own_requests(make_proxy, raw_origin):
     threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
     for thread in threads:
         thread.start()
-        time.sleep(0.02)
+        time.sleep(0.02)  # the stimulus: staggered arrivals, so that both workers take some
     held = raw_origin.wait_requests(12, timeout=15)
     owner_of: dict[int, int] = {}
     for request in held:
@@ -1172,6 +1181,7 @@ class Load:
             thread.join(30)
 
 
+@pytest.mark.slow
 def test_bursts_of_sigusr1_and_sighup_while_serving_fail_nothing(make_proxy, raw_origin):
     raw_origin.reset()
     proxy = make_proxy(env={"WEB_CONCURRENCY": "2"}, origin_server=raw_origin)
@@ -1179,11 +1189,11 @@ def test_bursts_of_sigusr1_and_sighup_while_serving_fail_nothing(make_proxy, raw
     before = set(proxy.workers())
     load = Load(proxy.port)
     try:
-        time.sleep(1)
+        wait_for(lambda: load.ok >= 50, what="the load to run")
         for sig in [signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR1, signal.SIGHUP] * 2:
             proxy.signal(sig)
-            time.sleep(0.3)
-        time.sleep(3)
+            time.sleep(0.3)  # the stimulus: a burst of signals, 0.3 s apart, under load
+        wait_for(lambda: not before & set(proxy.workers()) and len(proxy.workers()) == 2, 40, what="new workers")
         # fresh connections throughout
         for i in range(10):
             got = talk(proxy.port, get(b"/fresh/%d" % i), timeout=10)

@@ -252,10 +252,10 @@ def test_one_line_per_request_on_a_keepalive_connection(shared_proxy):
         conn.request("GET", f"/ka/{i}", headers={"X-Request-Id": f"ka-{i}"})
         conn.getresponse().read()
     conn.close()
-    records = wait_records(lambda: access_records(shared_proxy), before + 40)[before:]
-    time.sleep(0.3)  # nothing more may come
-    assert len(access_records(shared_proxy)) == before + 40
-    assert [r["request_id"] for r in records] == [f"ka-{i}" for i in range(40)]
+    # A marker request bounds "nothing more": its line comes after any extra line of the 40.
+    assert shared_proxy.request("GET", "/ka/end", headers={"X-Request-Id": "ka-end"})[0].status == 200
+    records = wait_records(lambda: access_records(shared_proxy), before + 41)[before:]
+    assert [r["request_id"] for r in records] == [f"ka-{i}" for i in range(40)] + ["ka-end"]
 
 
 # The origin's own thread fails on the malformed chunked body the proxy relayed.
@@ -314,9 +314,12 @@ def test_failed_requests_get_exactly_one_line_each(make_proxy):
     expect.append(("f-first", {"status": "200", "outcome": "ok"}))
 
     total = len(expect) + len(rejected) + 1
-    records = wait_records(lambda: access_records(proxy), total)
-    time.sleep(0.5)  # and no more than that
-    records = access_records(proxy)
+    wait_records(lambda: access_records(proxy), total)
+    # and no more than that: a marker request's line comes after any extra one
+    assert proxy.request("GET", "/marker", headers={"X-Request-Id": "f-marker"})[0].status == 200
+    records = wait_records(lambda: access_records(proxy), total + 1)
+    assert records[-1]["request_id"] == "f-marker", records[-1]
+    records = records[:-1]
     assert len(records) == total, [(r["request"], r["status"]) for r in records]
     by_id = Counter(r["request_id"] for r in records)
     for request_id, fields in expect:
@@ -407,9 +410,9 @@ def test_access_log_off_writes_no_access_lines(make_proxy):
     for i in range(5):
         assert proxy.request("GET", f"/off/{i}")[0].status == 200
     assert raw_exchange(proxy.port, b"GET /a b HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
-    time.sleep(0.5)
+    # The 400's error record is logged after every earlier access line would have been.
+    wait_for(lambda: any(e["logger"] == "gunicorn.error" for e in error_records(proxy)), what="the 400's error record")
     assert proxy.access_log() == ""
-    assert any(e["logger"] == "gunicorn.error" for e in error_records(proxy))
 
 
 # -- 2. the error log ---------------------------------------------------------------------
@@ -433,8 +436,7 @@ def factory(app):
             sys.stderr.flush()
             environ["wsgi.errors"].write("wsgi.errors text\\n")
             warnings.warn("a python warning from middleware")
-            gevent.spawn(lambda: 1 / 0)
-            gevent.sleep(0.05)
+            gevent.spawn(lambda: 1 / 0).join()
             thread = threading.Thread(target=lambda: {}["missing key in a thread"])
             thread.start()
             thread.join()
@@ -482,7 +484,7 @@ def test_output_that_bypasses_logging_becomes_records(make_proxy, target):
         return proxy.stderr() if target == "stdout" else proxy.error_log()
 
     wait_for(lambda: "missing key in a thread" in error_text(), what="the thread's exception")
-    time.sleep(0.3)
+    wait_for(lambda: error_text().endswith("\n"), what="the last error record written whole")
     records = error_records(proxy)  # every line parses
     error_text = error_text()
     assert len(records) == len(error_text.splitlines())
@@ -579,7 +581,7 @@ def test_stdout_records_stay_whole_through_a_full_pipe(make_proxy):
         fd = proxy.process.stdout.fileno()
         while chunk := os.read(fd, 3000):
             received.extend(chunk)
-            time.sleep(0.002)
+            time.sleep(0.002)  # the stimulus: a consumer slower than the proxy writes
 
     reader = threading.Thread(target=slow_reader, daemon=True)
     reader.start()
@@ -767,6 +769,7 @@ REQUESTS_BETWEEN_ROTATIONS = 150
 MAX_REQUESTS_PER_CLIENT = 3000
 
 
+@pytest.mark.slow
 @needs_logrotate
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_no_line_lost_or_torn_across_rotations(make_proxy, fmt):

@@ -58,7 +58,15 @@ def access_line(proxy: Proxy, request_id: str, timeout: float = 10) -> dict:
         timeout=timeout,
         what=f"access line of {request_id}",
     )
-    time.sleep(0.2)  # a second line for the same request would show up here
+    # A second line for the same request would be written before a marker
+    # request's line, or, once the proxy is gone, before it exited.
+    marker = uuid.uuid4().hex
+    try:
+        proxy.request("GET", "/.marker", headers={"X-Request-Id": marker})
+    except OSError:  # shutting down: its listener is closed
+        proxy.process.wait(30)
+    else:
+        wait_for(lambda: any(line["request_id"] == marker for line in access_lines(proxy)), what="the marker's line")
     lines = [line for line in access_lines(proxy) if line["request_id"] == request_id]
     assert len(lines) == 1, lines
     return lines[0]
@@ -375,7 +383,7 @@ def test_idle_tunnel_is_closed_and_a_busy_one_stays_open(make_proxy, ws_origin):
         while time.monotonic() - quiet_since < 5:
             busy.send("tick")
             assert busy.recv(timeout=10) == "tick"
-            time.sleep(0.2)
+            time.sleep(0.2)  # the stimulus: a busy tunnel's traffic
         watcher.join(20)
         assert closed_after and 1.5 <= closed_after[0] < 5, closed_after
         with pytest.raises(ConnectionClosed):
@@ -390,6 +398,7 @@ def test_idle_tunnel_is_closed_and_a_busy_one_stays_open(make_proxy, ws_origin):
 # -- 5. many tunnels at once ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_200_concurrent_tunnels_through_one_worker(make_proxy):
     origin = WsOrigin().start()
     try:
@@ -452,7 +461,7 @@ def _chat(ws, seconds: float) -> int:
         ws.send(f"message {sent}")
         assert ws.recv(timeout=10) == f"message {sent}"
         sent += 1
-        time.sleep(0.25)
+        time.sleep(0.25)  # the stimulus: a conversation that goes on
     return sent
 
 
@@ -485,7 +494,7 @@ def _seconds_until_cut(ws, signalled: float) -> float:
         while time.monotonic() - signalled < 20:
             ws.send("anyone?")
             ws.recv(timeout=10)
-            time.sleep(0.25)
+            time.sleep(0.25)  # the stimulus: a client that keeps talking until it is cut
     return time.monotonic() - signalled
 
 
@@ -533,7 +542,7 @@ def test_access_line_counts_bytes_each_way_and_duration(raw_proxy):
         up = os.urandom(1000)
         sock.sendall(up[:400])
         assert recv_exactly(sock, 400) == up[:400]
-        time.sleep(0.5)
+        time.sleep(0.5)  # the stimulus: a tunnel that lasts, for the duration field
         sock.sendall(up[400:])
         assert recv_exactly(sock, 600) == up[400:]
     line = access_line(raw_proxy, request_id)
@@ -606,6 +615,11 @@ def test_any_upgrade_protocol_is_tunnelled_both_ways(raw_proxy, raw_origin):
     assert line["tunnel_bytes_down"] == total + len(GREETING)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="found by the h11 origin: the proxy forwards a Host-less HTTP/1.0 request as HTTP/1.1 without Host "
+    "(RFC 9112 section 3.2 requires one, empty if need be); h11 refuses it, the client gets a 502",
+)
 def test_http10_upgrade_is_an_ordinary_request(raw_proxy, raw_origin):
     raw_origin.reset()
     with socket.create_connection(("127.0.0.1", raw_proxy.port), timeout=10) as sock:

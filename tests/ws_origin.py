@@ -14,7 +14,7 @@ Run as a script (``python ws_origin.py``) it serves the same in the
 foreground and prints its port, so a test can kill it mid-tunnel.
 
 ``RawUpgradeOrigin`` speaks HTTP/1.1 on raw sockets (keep-alive, one thread
-per connection) and counts connections, so a test can tell the pooled
+per connection; requests read by h11, answers written raw) and counts connections, so a test can tell the pooled
 connection from a tunnel's. Any request without ``Upgrade`` gets 200 and
 the connection stays open. With ``Upgrade``:
 
@@ -32,6 +32,8 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
+import h11
+from origin import RequestReader
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request
@@ -185,26 +187,21 @@ class RawUpgradeOrigin:
             threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
 
     def _serve(self, conn: socket.socket, number: int) -> None:
-        buffer = b""
+        reader = RequestReader(conn)
         try:
             while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                text = head.decode("latin-1")
+                parsed = reader.head()
+                if parsed is None:
+                    return
+                request, head = parsed
                 with self._lock:
-                    self.requests.append((number, text))
-                request_line, *lines = text.split("\r\n")
-                target = request_line.split(" ")[1]
-                headers = {}
-                for line in lines:
-                    name, _, value = line.partition(":")
-                    headers[name.strip().lower()] = value.strip()
+                    self.requests.append((number, head.decode("latin-1")))
+                for _ in reader.body():  # none of these requests has a body worth keeping
+                    pass
+                target = request.target.decode("latin-1")
+                upgrade = [v.decode("latin-1") for k, v in request.headers if k == b"upgrade"]
                 common = f"X-Origin-Conn: {number}\r\n"
-                if "upgrade" not in headers:
+                if not upgrade:
                     body = b"plain\n"
                     conn.sendall(f"HTTP/1.1 200 OK\r\n{common}Content-Length: {len(body)}\r\n\r\n".encode() + body)
                     continue
@@ -217,13 +214,12 @@ class RawUpgradeOrigin:
                     )
                     continue
                 switch = (
-                    f"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
-                    f"Upgrade: {headers['upgrade']}\r\n{common}\r\n"
+                    f"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {upgrade[-1]}\r\n{common}\r\n"
                 ).encode()
                 conn.sendall(switch + (GREETING if target == "/greet" else b""))
-                self._echo(conn, buffer)
+                self._echo(conn, reader.pending)
                 return
-        except OSError:
+        except (OSError, h11.RemoteProtocolError):  # the peer went away, or sent what h11 refuses
             return
         finally:
             conn.close()
