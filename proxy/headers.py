@@ -274,6 +274,11 @@ def upstream_request_headers(
         length = environ["CONTENT_LENGTH"]
         # Canonical decimal (``007`` is 7): no next hop can misread it.
         out.append(("Content-Length", str(int(length)) if length.isascii() and length.isdigit() else length))
+    if "HTTP_HOST" not in environ:
+        # An HTTP/1.0 client may send none, but next-hop gets HTTP/1.1,
+        # which requires one: empty when the target names no authority
+        # (RFC 9112 section 3.2).
+        out.append(("Host", ""))
     remote = environ.get("REMOTE_ADDR", "")
     out.append(("X-Forwarded-For", f"{xff}, {remote}" if xff else remote))
     if not has_request_id:

@@ -315,3 +315,12 @@ def test_a_middleware_that_sets_a_repeated_field_wins(port, origin):
     request = _one_request(origin, "/mw/custom")
     assert request.all("X-Custom") == [b"from-mw"]
     assert request.all("Cookie") == [b"a=1", b"b=2"]
+
+
+def test_a_request_without_host_reaches_next_hop_with_an_empty_one(port, origin):
+    """next-hop always gets HTTP/1.1, which requires Host (RFC 9112 section 3.2)."""
+    answer = raw_exchange(port, b"GET /nohost HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 200 "), answer[:100]
+    request = _one_request(origin, "/nohost")
+    assert request.all("Host") == [b""]
+    assert request.problems == []

@@ -615,11 +615,6 @@ def test_any_upgrade_protocol_is_tunnelled_both_ways(raw_proxy, raw_origin):
     assert line["tunnel_bytes_down"] == total + len(GREETING)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the h11 origin: the proxy forwards a Host-less HTTP/1.0 request as HTTP/1.1 without Host "
-    "(RFC 9112 section 3.2 requires one, empty if need be); h11 refuses it, the client gets a 502",
-)
 def test_http10_upgrade_is_an_ordinary_request(raw_proxy, raw_origin):
     raw_origin.reset()
     with socket.create_connection(("127.0.0.1", raw_proxy.port), timeout=10) as sock:
