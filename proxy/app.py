@@ -21,10 +21,13 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 from . import config as config_module
 from . import logs
 from . import settings as settings_module
+from .cache import CacheLayer
+from .cache_store import Store
 from .config import HEALTHZ_PATH, ProxyConfig
 from .extension import ExtensionError, WSGIApp, wrap
 from .headers import downstream_response_headers, upstream_request_headers
@@ -69,6 +72,7 @@ class Exchange:
         "tunnel_bytes_up",
         "tunnel_end",
         "error",
+        "cache_status",
     )
 
     def __init__(self, environ: dict) -> None:
@@ -97,6 +101,8 @@ class Exchange:
         self.tunnel_end: str | None = None
         #: Why Gunicorn rejected the request (set by ``proxy.worker.log_rejected``).
         self.error: str | None = None
+        #: What the cache did (``proxy.cache``); None without a cache.
+        self.cache_status: str | None = None
 
     def start_response(self, start_response: StartResponse) -> StartResponse:
         """Wrap the server's start_response to note status and headers."""
@@ -162,6 +168,7 @@ class Exchange:
             "request_id": self.request_id,
             "worker_pid": logs.pid,
             "outcome": self.outcome,
+            "cache_status": self.cache_status,
             **(
                 {
                     "tunnel_bytes_up": self.tunnel_bytes_up,
@@ -285,14 +292,17 @@ def _client_ip(environ: dict):
 class Proxy:
     """The WSGI application Gunicorn runs in each worker."""
 
-    def __init__(self, config: ProxyConfig, upstream: Upstream) -> None:
+    def __init__(self, config: ProxyConfig, upstream: Upstream, cache_dir: Path | None = None) -> None:
         self.config = config
         self.upstream = upstream
-        self.user_app: WSGIApp = self.forward
+        inner: WSGIApp = self.forward
+        if config.cache.enabled and cache_dir is not None:
+            inner = CacheLayer(self.forward, config.cache, Store(cache_dir, config.cache))
+        self.user_app: WSGIApp = inner
         if config.middleware is not None:
             module, factory = config.middleware
             try:
-                self.user_app = wrap(self.forward, module, factory)
+                self.user_app = wrap(inner, module, factory)
             except ExtensionError as exc:
                 error_log.error("middleware not loaded, answering 500 except to the health check: %s", exc)
                 self.user_app = self._broken_middleware
@@ -402,6 +412,7 @@ class Proxy:
             response.release()
             exchange.upstream_end = time.perf_counter()
             return self.error_page(start_response, status, head.header("Retry-After"))
+        environ["proxy.body_framed"] = head.chunked or head.length is not None  # the cache verifies these
         out = downstream_response_headers(head.headers, head.connection)
         if self.config.response_headers:
             out = self.config.response_headers.apply(out)
@@ -503,4 +514,4 @@ def create_app() -> Proxy:
         read_timeout=config.read_timeout,
         maxsize=settings_module.WORKER_CONNECTIONS,
     )
-    return Proxy(config, upstream)
+    return Proxy(config, upstream, settings.cache_dir)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import cache_config
+from .cache_config import CacheConfig
 from .headers import HOP_BY_HOP, HeaderRules
 
 CONFIG_FILE = "proxy.toml"
@@ -56,6 +58,7 @@ class ProxyConfig:
     error_pages: dict[int, ErrorPage] = field(default_factory=dict)
     #: ``(path of the module file, factory name)``.
     middleware: tuple[Path, str] | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 #: The configuration the Gunicorn master validated last; workers inherit it
@@ -228,6 +231,7 @@ def _build(
         "error_pages",
         "middleware",
         "tunnel",
+        "cache",
     }
     for name in data.keys() - known:
         check.problem(name, f"unknown key (known: {', '.join(sorted(known))})")
@@ -299,6 +303,7 @@ def _build(
 
     request_headers = check.header_rules(data, "request_headers")
     response_headers = check.header_rules(data, "response_headers")
+    cache = cache_config.parse(check, data)
     if check.problems:
         raise ConfigError(check.problems)
     return ProxyConfig(
@@ -314,4 +319,5 @@ def _build(
         deny=deny,
         error_pages=error_pages,
         middleware=middleware,
+        cache=cache,
     )

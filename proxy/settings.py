@@ -39,6 +39,7 @@ class Settings:
     config_dir: Path
     log_dir: Path
     run_dir: Path
+    cache_dir: Path
     log_target: str
     log_format: str
     access_log_enabled: bool
@@ -103,6 +104,7 @@ def from_environ(env: Mapping[str, str] = os.environ) -> Settings:
         config_dir=Path(env.get("PROXY_CONFIG_DIR") or "/opt/proxy_config"),
         log_dir=Path(env.get("PROXY_LOG_DIR") or "/var/log/proxy"),
         run_dir=Path(env.get("PROXY_RUN_DIR") or "/run/proxy"),
+        cache_dir=Path(env.get("PROXY_CACHE_DIR") or "/var/cache/proxy"),
         log_target=_choice(env, "PROXY_LOG_TARGET", LOG_TARGETS),
         log_format=_choice(env, "PROXY_LOG_FORMAT", LOG_FORMATS),
         access_log_enabled=_choice(env, "PROXY_ACCESS_LOG", ("on", "off")) == "on",
