@@ -423,7 +423,7 @@ def cache_status(
     if stored:
         parts.append("stored")
     if ttl is not None:
-        parts.append(f"ttl={math.floor(ttl)}")
+        parts.append(f"ttl={round(ttl)}")
     if detail is not None:
         parts.append(f"detail={detail}")
     return "; ".join(parts)

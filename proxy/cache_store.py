@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .cache_config import CacheConfig
 from .cache_policy import Stored
@@ -196,6 +196,14 @@ class Lookup:
     miss: str
 
 
+def _one(db: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> tuple[Any, ...] | None:
+    """The first row. ``fetchall``, not ``fetchone``: a statement left
+    unfinished keeps its read transaction open, and the connection would go
+    on seeing that old snapshot of the index (purged rows included)."""
+    rows = db.execute(sql, args).fetchall()
+    return tuple(rows[0]) if rows else None
+
+
 def _is_full(exc: BaseException) -> bool:
     return (
         isinstance(exc, OSError)
@@ -321,7 +329,7 @@ class Store:
     def begin_fill(self, key: Key, vary: tuple[str, ...], variant: str, stored: Stored) -> Fill | None:
         """A temp file to stream the body into; None if the cache cannot take it."""
         try:
-            (start_seq,) = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM invalidations").fetchone()
+            (start_seq,) = _one(self.db, "SELECT COALESCE(MAX(seq), 0) FROM invalidations")
         except sqlite3.Error as exc:
             self.trouble.report("index", "cache: index unusable, passing through: %s", exc)
             return None
@@ -331,7 +339,7 @@ class Store:
 
     def _invalidated(self, db: sqlite3.Connection, fill: Fill) -> bool:
         """Whether a purge, ban or invalidation issued since the fill began hits it."""
-        (pruned,) = db.execute("SELECT value FROM state WHERE name = 'pruned_upto'").fetchone()
+        (pruned,) = _one(db, "SELECT value FROM state WHERE name = 'pruned_upto'")
         if pruned > fill.start_seq:
             return True
         rows = db.execute(
@@ -359,7 +367,7 @@ class Store:
                     db.execute("ROLLBACK")
                     return False
                 key = fill.key
-                old = db.execute("SELECT file FROM entries WHERE id = ?", (fill.id,)).fetchone()
+                old = _one(db, "SELECT file FROM entries WHERE id = ?", (fill.id,))
                 if old:
                     removed.append(old[0])
                     db.execute("DELETE FROM entries WHERE id = ?", (fill.id,))
@@ -410,7 +418,7 @@ class Store:
     def _evict_in(self, db: sqlite3.Connection, incoming: int) -> list[str]:
         """Delete least recently used rows until ``incoming`` more bytes fit."""
         removed: list[str] = []
-        (total,) = db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()
+        (total,) = _one(db, "SELECT bytes FROM totals WHERE id = 0")
         excess = total + incoming - self.config.max_size
         while excess > 0:
             rows = db.execute("SELECT id, file, disk_size FROM entries ORDER BY used LIMIT 64").fetchall()
@@ -438,7 +446,7 @@ class Store:
     def sweep(self) -> None:
         for temp in (self.directory / "tmp").iterdir():
             temp.unlink(missing_ok=True)
-        known = {file for (file,) in self.db.execute("SELECT file FROM entries")}
+        known = {file for (file,) in self.db.execute("SELECT file FROM entries").fetchall()}
         for sub in (self.directory / "objects").iterdir():
             if sub.is_dir():
                 for path in sub.iterdir():
@@ -455,9 +463,7 @@ class Store:
             "INSERT INTO invalidations (at, kind, host, target, expr) VALUES (?, ?, ?, ?, ?)",
             (now, kind, host, target, expr),
         )
-        old = db.execute("SELECT MAX(seq) FROM invalidations WHERE at < ?", (now - INVALIDATION_WINDOW_S,)).fetchone()[
-            0
-        ]
+        (old,) = _one(db, "SELECT MAX(seq) FROM invalidations WHERE at < ?", (now - INVALIDATION_WINDOW_S,))
         if old is not None:
             db.execute("DELETE FROM invalidations WHERE seq <= ?", (old,))
             db.execute("UPDATE state SET value = MAX(value, ?) WHERE name = 'pruned_upto'", (old,))

@@ -268,10 +268,11 @@ def test_purge_across_workers_and_idempotent(cached, origin):
     for _ in (1, 2):
         result = cached.hook("messagehandler", "purge", f"http://{host}{path}")
         assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("purged")
     # Straight after the hook returns, no worker has it: two connections held open at once.
     conns = [cached.connection(), cached.connection()]
-    for conn in conns:
-        conn.request("GET", path, headers={"Accept": "a"})
+    for conn, accept in zip(conns, "ab"):
+        conn.request("GET", path, headers={"Accept": accept})
         response = conn.getresponse()
         response.read()
         assert statuses(response)[0].startswith("edge-proxy; fwd="), statuses(response)
@@ -293,12 +294,13 @@ def test_purge_and_ban_without_a_cache(make_proxy, tmp_path):
 def test_survives_reload_and_restart(make_proxy, tmp_path, origin):
     proxy = make_cached(make_proxy, tmp_path)
     path = cache_url("persist", "Cache-Control:max-age=300")
-    _, body = get(proxy, path)
+    host = {"Host": "persist.example"}
+    _, body = get(proxy, path, host)
     assert proxy.hook("update").returncode == 0
-    assert statuses(get(proxy, path)[0])[0].startswith("edge-proxy; hit")
+    assert statuses(get(proxy, path, host)[0])[0].startswith("edge-proxy; hit")
     proxy.stop()
     again = make_proxy(env={"WEB_CONCURRENCY": "2", "PROXY_CACHE_DIR": str(tmp_path / "cache")}, config=CACHE_ON)
-    response, second = get(again, path)
+    response, second = get(again, path, host)
     assert second == body and statuses(response)[0].startswith("edge-proxy; hit")
     assert origin.cache_count("/cache/persist") == 1
 
@@ -394,7 +396,7 @@ def test_age_through_a_chain(make_proxy, tmp_path, origin):
     assert int(response.getheader("Age")) >= 30
     assert int(statuses(response)[0].rsplit("ttl=", 1)[1]) <= 70
     origin_count = origin.cache_count("/cache/chain")
-    response, _ = get(inner, path)
+    response, _ = get(inner, path, {"Host": f"127.0.0.1:{outer.port}"})
     assert int(response.getheader("Age")) >= 30 and statuses(response)[0].startswith("edge-proxy; hit")
     assert origin.cache_count("/cache/chain") == origin_count == 1
 
