@@ -271,7 +271,7 @@ def test_purge_across_workers_and_idempotent(cached, origin):
         assert result.stdout.startswith("purged")
     # Straight after the hook returns, no worker has it: two connections held open at once.
     conns = [cached.connection(), cached.connection()]
-    for conn, accept in zip(conns, "ab"):
+    for conn, accept in zip(conns, "ab", strict=True):
         conn.request("GET", path, headers={"Accept": accept})
         response = conn.getresponse()
         response.read()
