@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 from . import cache_policy as policy
 from .cache_config import CacheConfig
 from .cache_store import Entry, Fill, Key, Store, iter_file
+from .sockets import BLOCK_SIZE
 from .tunnel import is_upgrade
-from .upstream import BLOCK_SIZE, upstream_target
+from .upstream import upstream_target
 
 __all__ = ["CacheLayer"]
 

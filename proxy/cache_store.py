@@ -204,6 +204,12 @@ def _one(db: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> tup
     return tuple(rows[0]) if rows else None
 
 
+def _value(db: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> Any:
+    """The single value of an aggregate query."""
+    row = _one(db, sql, args)
+    return row[0] if row else None
+
+
 def _is_full(exc: BaseException) -> bool:
     return (
         isinstance(exc, OSError)
@@ -329,7 +335,7 @@ class Store:
     def begin_fill(self, key: Key, vary: tuple[str, ...], variant: str, stored: Stored) -> Fill | None:
         """A temp file to stream the body into; None if the cache cannot take it."""
         try:
-            (start_seq,) = _one(self.db, "SELECT COALESCE(MAX(seq), 0) FROM invalidations")
+            start_seq = _value(self.db, "SELECT COALESCE(MAX(seq), 0) FROM invalidations")
         except sqlite3.Error as exc:
             self.trouble.report("index", "cache: index unusable, passing through: %s", exc)
             return None
@@ -339,7 +345,7 @@ class Store:
 
     def _invalidated(self, db: sqlite3.Connection, fill: Fill) -> bool:
         """Whether a purge, ban or invalidation issued since the fill began hits it."""
-        (pruned,) = _one(db, "SELECT value FROM state WHERE name = 'pruned_upto'")
+        pruned = _value(db, "SELECT value FROM state WHERE name = 'pruned_upto'")
         if pruned > fill.start_seq:
             return True
         rows = db.execute(
@@ -418,7 +424,7 @@ class Store:
     def _evict_in(self, db: sqlite3.Connection, incoming: int) -> list[str]:
         """Delete least recently used rows until ``incoming`` more bytes fit."""
         removed: list[str] = []
-        (total,) = _one(db, "SELECT bytes FROM totals WHERE id = 0")
+        total = _value(db, "SELECT bytes FROM totals WHERE id = 0")
         excess = total + incoming - self.config.max_size
         while excess > 0:
             rows = db.execute("SELECT id, file, disk_size FROM entries ORDER BY used LIMIT 64").fetchall()
@@ -463,7 +469,7 @@ class Store:
             "INSERT INTO invalidations (at, kind, host, target, expr) VALUES (?, ?, ?, ?, ?)",
             (now, kind, host, target, expr),
         )
-        (old,) = _one(db, "SELECT MAX(seq) FROM invalidations WHERE at < ?", (now - INVALIDATION_WINDOW_S,))
+        old = _value(db, "SELECT MAX(seq) FROM invalidations WHERE at < ?", (now - INVALIDATION_WINDOW_S,))
         if old is not None:
             db.execute("DELETE FROM invalidations WHERE seq <= ?", (old,))
             db.execute("UPDATE state SET value = MAX(value, ?) WHERE name = 'pruned_upto'", (old,))

@@ -431,3 +431,25 @@ def test_index_lookup_uses_the_index(cached):
     ).fetchall()
     db.close()
     assert "USING INDEX entries_url" in str(plan)
+
+
+def test_ban_across_workers(cached, origin):
+    """Runs once proxy/ban.py (the ban helper's module) is in the tree."""
+    pytest.importorskip("proxy.ban")
+    keep = cache_url("ban-keep", "Cache-Control:max-age=300")
+    gone = cache_url("ban-gone", "Cache-Control:max-age=300", "X-Group:doomed")
+    for path in (keep, gone):
+        get(cached, path)
+    bad = cached.hook("messagehandler", "ban", "obj.http.x-group ==")
+    assert bad.returncode != 0 and "offset" in bad.stderr
+    result = cached.hook("messagehandler", "ban", 'obj.http.x-group == "doomed" && req.url ~ "^/cache/ban-"')
+    assert result.returncode == 0, result.stderr
+    conns = [cached.connection(), cached.connection()]
+    for conn, (path, expected) in zip(
+        conns, ((gone, "edge-proxy; fwd=uri-miss"), (keep, "edge-proxy; hit")), strict=True
+    ):
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        assert statuses(response)[0].startswith(expected)
+        conn.close()
