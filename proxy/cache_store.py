@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 
 from .cache_config import CacheConfig
 from .cache_policy import Stored
+from .cache_policy import variant as select
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
@@ -262,8 +263,6 @@ class Store:
 
     def lookup(self, key: Key, request_header: Callable[[str], str | None]) -> Lookup:
         """The variant stored for this request, if any: one indexed SELECT."""
-        from .cache_policy import variant as select
-
         rows = self.db.execute(
             "SELECT id, vary, variant, file, body_size, meta, used FROM entries"
             " WHERE host = ? AND target = ? AND scheme = ? LIMIT ?",
