@@ -18,7 +18,7 @@ os.environ["GEVENT_RESOLVER"] = "thread"
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from proxy import balance, internals  # noqa: E402
+from proxy import balance, cache_store, internals  # noqa: E402
 from proxy import config as proxy_config  # noqa: E402
 from proxy import settings as proxy_settings  # noqa: E402
 from proxy.logs import error_log, logging_config  # noqa: E402
@@ -81,11 +81,19 @@ _prepare_directories()
 _raise_open_files_limit()
 
 
+def _prepare_cache(config: proxy_config.ProxyConfig, startup: bool) -> None:
+    """Create PROXY_CACHE_DIR and its index, apply the size limit (raises
+    CacheDirError). Only with ``[cache] enabled``; the master closes the
+    index again before forking."""
+    if config.cache.enabled:
+        cache_store.prepare(_settings.cache_dir, config.cache, sweep=startup)
+
+
 def on_starting(server) -> None:
     """Refuse to start, saying why (on stderr whatever the log target, see
-    proxy.logs), if a library's private parts the proxy relies on changed or
-    the configuration is invalid; then make the table the workers share
-    (before the first fork)."""
+    proxy.logs), if a library's private parts the proxy relies on changed,
+    the configuration is invalid or the cache directory unusable; then make
+    the table the workers share (before the first fork)."""
     try:
         internals.check(internals.BEFORE_PATCHING)
     except internals.InternalsError as exc:
@@ -93,8 +101,12 @@ def on_starting(server) -> None:
         raise SystemExit(1) from None
     try:
         proxy_config.active = proxy_config.load(_settings.config_dir)
+        _prepare_cache(proxy_config.active, startup=True)
     except proxy_config.ConfigError as exc:
         error_log.error("invalid configuration, not starting: %s", "; ".join(map(str, exc.problems)))
+        raise SystemExit(1) from None
+    except cache_store.CacheDirError as exc:
+        error_log.error("PROXY_CACHE_DIR=%s unusable, not starting: %s", _settings.cache_dir, exc)
         raise SystemExit(1) from None
     balance.create_table()
 
@@ -103,10 +115,16 @@ def on_reload(server) -> None:
     """Apply the new configuration to the next generation of workers, or keep
     the current one if the new one is invalid."""
     try:
-        proxy_config.active = proxy_config.load(_settings.config_dir)
+        config = proxy_config.load(_settings.config_dir)
+        _prepare_cache(config, startup=False)
     except proxy_config.ConfigError as exc:
         error_log.error("reload: invalid configuration, keeping the previous one: %s", exc)
+    except cache_store.CacheDirError as exc:
+        error_log.error(
+            "reload: PROXY_CACHE_DIR=%s unusable, keeping the previous configuration: %s", _settings.cache_dir, exc
+        )
     else:
+        proxy_config.active = config
         error_log.info("reload: configuration applied from %s", _settings.config_dir)
 
 

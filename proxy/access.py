@@ -52,6 +52,7 @@ class AccessRecord:
         "tunnel_bytes_up",
         "tunnel_end",
         "error",
+        "cache_status",
     )
 
     def __init__(self, environ: MutableMapping[str, Any]) -> None:
@@ -81,6 +82,8 @@ class AccessRecord:
         #: Why the request was refused before it was forwarded (Gunicorn's
         #: parse error, or a rule of the app's that answered 400).
         self.error: str | None = None
+        #: What the cache did (``proxy.cache``); None without a cache.
+        self.cache_status: str | None = None
 
     def start_response(self, start_response: StartResponse) -> StartResponse:
         """Wrap the server's start_response to note status and headers."""
@@ -146,6 +149,7 @@ class AccessRecord:
             "request_id": self.request_id,
             "worker_pid": logs.pid,
             "outcome": self.outcome,
+            "cache_status": self.cache_status,
             **(
                 {
                     "tunnel_bytes_up": self.tunnel_bytes_up,

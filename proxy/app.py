@@ -18,10 +18,13 @@ import socket
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from . import config as config_module
 from . import settings as settings_module
 from .access import AccessRecord, StartResponse
+from .cache import CacheLayer
+from .cache_store import Store
 from .config import HEALTHZ_PATH, ProxyConfig
 from .extension import ExtensionError, WSGIApp, wrap
 from .headers import (
@@ -151,14 +154,17 @@ def _client_ip(environ: dict):
 class Proxy:
     """The WSGI application Gunicorn runs in each worker."""
 
-    def __init__(self, config: ProxyConfig, upstream: Upstream) -> None:
+    def __init__(self, config: ProxyConfig, upstream: Upstream, cache_dir: Path | None = None) -> None:
         self.config = config
         self.upstream = upstream
-        self.user_app: WSGIApp = self.forward
+        inner: WSGIApp = self.forward
+        if config.cache.enabled and cache_dir is not None:
+            inner = CacheLayer(self.forward, config.cache, Store(cache_dir, config.cache))
+        self.user_app: WSGIApp = inner
         if config.middleware is not None:
             module, factory = config.middleware
             try:
-                self.user_app = wrap(self.forward, module, factory)
+                self.user_app = wrap(inner, module, factory)
             except ExtensionError as exc:
                 error_log.error("middleware not loaded, answering 500 except to the health check: %s", exc)
                 self.user_app = self._broken_middleware
@@ -278,6 +284,7 @@ class Proxy:
             response.release()
             exchange.upstream_end = time.perf_counter()
             return self.error_page(start_response, status, head.header("Retry-After"))
+        environ["proxy.body_framed"] = head.chunked or head.length is not None  # the cache verifies these
         out = downstream_response_headers(head.headers, head.connection)
         if self.config.response_headers:
             out = self.config.response_headers.apply(out)
@@ -381,4 +388,4 @@ def create_app() -> Proxy:
         read_timeout=config.upstream.read_timeout,
         maxsize=settings_module.WORKER_CONNECTIONS,
     )
-    return Proxy(config, upstream)
+    return Proxy(config, upstream, settings.cache_dir)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import cache_config
+from .cache_config import CacheConfig
 from .headers import HOP_BY_HOP, HeaderRules
 from .setting import Boolean, Bytes, Invalid, Kind, OneOf, Problems, Seconds, Setting, Strings, Table
 
@@ -104,6 +106,7 @@ class ProxyConfig:
     #: ``(path of the module file, factory name)``.
     middleware: tuple[Path, str] | None
     tunnel: Tunnel
+    cache: CacheConfig
 
 
 #: The configuration the Gunicorn master validated last; workers inherit it
@@ -591,6 +594,7 @@ middleware = "site_middleware:wrap"
             ),
         ),
     ),
+    cache_config.TABLE,
 )
 
 
@@ -642,6 +646,8 @@ def _build(check: _Checker, data: dict[str, Any]) -> ProxyConfig:
             values[entry.name] = entry.cls(
                 **{s.name: check.value(table, f"{entry.name}.{s.name}", s) for s in entry.settings}
             )
+            for key, reason in entry.validate(values[entry.name]) if entry.validate else ():
+                check.problem(f"{entry.name}.{key}", reason)
         else:
             values[entry.name] = check.value(data, entry.name, entry)
     return ProxyConfig(**values)

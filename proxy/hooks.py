@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from . import config
+from . import cache_config, cache_store, config
 from .settings import Settings, SettingsError, from_environ
 
 LOGROTATE_TEMPLATE = Path(__file__).with_name("logrotate.conf")
@@ -290,12 +291,72 @@ def _pid_for_rotation(settings: Settings) -> int:
 # -- messages ---------------------------------------------------------------------------
 
 
+def _cache_store(settings: Settings) -> cache_store.Store | None:
+    """The cache's index if one exists (whether or not the proxy runs or the
+    cache is enabled now: entries on disk may be served after the next start)."""
+    if not cache_store.index_path(settings.cache_dir).is_file():
+        return None
+    return cache_store.Store(settings.cache_dir, cache_config.TABLE.defaults())
+
+
+def purge(settings: Settings, url: str) -> None:
+    """Remove every variant of URL (``http[s]://host/target`` or ``//host/target``:
+    that host, both schemes; ``/target``: every host). Returns once the rows
+    are gone, which is when no worker finds them any more."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        host, slash, target = rest.partition("/")
+    elif url.startswith("//"):
+        host, slash, target = url[2:].partition("/")
+    elif url.startswith("/"):
+        host, slash, target = None, "/", url[1:]
+    else:
+        raise HookError(f"purge: expected http://host/path, //host/path or /path, got {url!r}")
+    if host == "":
+        raise HookError(f"purge: no host in {url!r}")
+    store = _cache_store(settings)
+    if store is None:
+        return
+    try:
+        count = store.invalidate(host, "/" + target if slash else "/")
+    except sqlite3.Error as exc:
+        raise HookError(f"purge: cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
+    finally:
+        store.close()
+    print(f"purged {count} entries")
+
+
+def ban(settings: Settings, text: str) -> None:
+    """Remove every stored object the expression matches (see proxy/ban.py)."""
+    from . import ban as ban_module
+
+    try:
+        ban_module.parse(text)
+    except ban_module.BanSyntaxError as exc:
+        raise HookError(f"ban: {exc}") from None
+    store = _cache_store(settings)
+    if store is None:
+        return
+    try:
+        count = store.ban(text)
+    except sqlite3.Error as exc:
+        raise HookError(f"ban: cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
+    finally:
+        store.close()
+    print(f"banned {count} entries")
+
+
 def message(settings: Settings, name: str, args: list[str]) -> None:
     """``messagehandler.sh NAME ARGS``: ``updateenvironment`` and ``reload`` do
     what update.sh does; ``reopen-logs`` has the master and its workers reopen
     their log files (SIGUSR1; nothing to do when logging to stdout or when no
-    proxy runs). ARGS are not used by any of these."""
-    if name in ("updateenvironment", "reload"):
+    proxy runs); ``purge URL`` and ``ban EXPR`` remove cached objects (nothing
+    to do when there is no cache)."""
+    if name in ("purge", "ban"):
+        if not args or not " ".join(args).strip():
+            raise HookError(f"{name}: missing argument")
+        (purge if name == "purge" else ban)(settings, " ".join(args).strip())
+    elif name in ("updateenvironment", "reload"):
         update(settings)
     elif name == "reopen-logs":
         master = running_master(settings)

@@ -157,13 +157,23 @@ class Integer(Kind[int]):
 
 @dataclass(frozen=True)
 class Bytes(Kind[int]):
-    """A size in bytes, 0 or more (TOML's ``10_485_760`` reads well)."""
+    """A size in bytes, ``low`` or more, at most ``high`` if given
+    (TOML's ``10_485_760`` reads well)."""
 
-    text = "whole number of bytes, 0 or more"
+    low: int = 0
+    high: int | None = None
+
+    @property
+    def text(self) -> str:  # type: ignore[override]
+        if self.high is None:
+            return f"whole number of bytes, {self.low} or more"
+        return f"whole number of bytes, {self.low} to {self.high}"
 
     def convert(self, value: object) -> int:
-        if type(value) is not int or value < 0:
-            raise Invalid(f"must be a whole number of bytes (0 or more), got {value!r}")
+        if type(value) is not int or value < self.low or (self.high is not None and value > self.high):
+            if self.high is None:
+                raise Invalid(f"must be a whole number of bytes ({self.low} or more), got {value!r}")
+            raise Invalid(f"must be a whole number of bytes from {self.low} to {self.high}, got {value!r}")
         return value
 
 
@@ -275,6 +285,9 @@ class Table:
     after: str = ""
     #: Documented in one section with the table declared before it.
     shares_section: bool = False
+    #: Rules between the table's keys: given the table's values, yields
+    #: ``(key, reason)`` for each problem (keys relative to the table).
+    validate: Callable[[Any], Iterable[tuple[str, str]]] | None = None
 
     def __post_init__(self) -> None:
         names = [f.name for f in fields(self.cls) if f.init]

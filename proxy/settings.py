@@ -109,6 +109,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("PROXY_LOG_DIR", "log_dir", Directory(), "/var/log/proxy", "log files (file target), created at start-up"),
     Variable("PROXY_RUN_DIR", "run_dir", Directory(), "/run/proxy", "the master writes its pid to `gunicorn.pid` here"),
     Variable(
+        "PROXY_CACHE_DIR",
+        "cache_dir",
+        Directory(),
+        "/var/cache/proxy",
+        "the shared cache's index and entry files (only with `[cache] enabled`), created at start-up",
+    ),
+    Variable(
         "PROXY_LOG_TARGET",
         "log_target",
         OneOf(("stdout", "file")),
@@ -162,6 +169,7 @@ class Settings:
     config_dir: Path
     log_dir: Path
     run_dir: Path
+    cache_dir: Path
     log_target: str
     log_format: str
     access_log_enabled: bool

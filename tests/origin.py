@@ -20,6 +20,7 @@ answers are written as raw bytes, broken ones included. Paths:
 - ``/hop``                hop-by-hop headers that must not reach the client
 - ``/drop-next``          answers, then closes the connection without
                           answering the next request on it
+- ``/cache/...?QUERY``     the caching tests' block (see ``_cache_answer``)
 - anything else           200 with a small body
 
 Every answer carries ``X-Origin-Conn`` (connection number) and the request's
@@ -33,6 +34,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -141,6 +143,8 @@ class Origin:
     connections: int = 0
     open_connections: int = 0
     closed_events: list[int] = field(default_factory=list)
+    #: Requests per ``/cache/...`` path (query excluded), for the caching tests.
+    cache_counts: dict[str, int] = field(default_factory=dict)
 
     def start(self) -> Origin:
         self._listener = socket.create_server((self.host, 0), backlog=512)
@@ -231,6 +235,8 @@ class Origin:
             lines = [f"HTTP/1.1 {status}"] + [f"{k}: {v}" for k, v in headers + common]
             conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
+        if kind == "cache":
+            return self._cache_answer(conn, req, send_head)
         if kind == "bytes":
             n = int(parts[1])
             send_head("200 OK", [("Content-Length", str(n)), ("Content-Type", "application/octet-stream")])
@@ -315,6 +321,58 @@ class Origin:
             )
             if not head_only:
                 conn.sendall(body)
+        return True
+
+    # -- the caching tests' block -------------------------------------------------------
+
+    def cache_count(self, path: str) -> int:
+        with self._lock:
+            return self.cache_counts.get(path, 0)
+
+    def _cache_answer(self, conn: socket.socket, req: Received, send_head) -> bool:
+        """``/cache/ANY?h=Name:Value&...``: answer with those headers. Other
+        parameters: ``status=CODE``; ``size=N`` (N pattern bytes, else the body
+        is ``PATH #COUNT``); ``chunked=1``; ``truncate=1`` (half the body, then
+        close); ``etag=TAG`` (the ETag, and 304 to a matching If-None-Match);
+        ``vary_echo=NAME`` (the body names that request header's value)."""
+        path, _, query = req.target.partition("?")
+        params = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        with self._lock:
+            count = self.cache_counts[path] = self.cache_counts.get(path, 0) + 1
+        headers = [tuple(v.split(":", 1)) for k, v in params if k == "h"]
+        options = {k: v for k, v in params if k != "h"}
+        etag = options.get("etag")
+        if etag:
+            headers.append(("ETag", etag))
+            if req.header("If-None-Match") == etag:
+                send_head("304 Not Modified", headers + [("X-Count", str(count))])
+                return True
+        if "size" in options:
+            body = pattern_bytes(int(options["size"]))
+        elif "vary_echo" in options:
+            body = f"{options['vary_echo']}={req.header(options['vary_echo'])}".encode()
+        else:
+            body = f"{path} #{count}".encode()
+        headers.append(("X-Count", str(count)))
+        status = options.get("status", "200") + " Answer"
+        if req.method == "HEAD":
+            send_head(status, headers + [("Content-Length", str(len(body)))])
+            return True
+        if options.get("chunked"):
+            send_head(status, headers + [("Transfer-Encoding", "chunked")])
+            for i in range(0, len(body), 65536):
+                piece = body[i : i + 65536]
+                conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if options.get("truncate"):
+                return False
+            conn.sendall(b"0\r\n\r\n")
+            return True
+        send_head(status, headers + [("Content-Length", str(len(body)))])
+        if options.get("truncate"):
+            conn.sendall(body[: len(body) // 2])
+            time.sleep(0.1)
+            return False
+        conn.sendall(body)
         return True
 
     @staticmethod

@@ -62,6 +62,7 @@ ACCESS_FIELDS = {
     "request_id",
     "worker_pid",
     "outcome",
+    "cache_status",
 }
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 LOGROTATE = shutil.which("logrotate") or shutil.which("logrotate", path="/usr/sbin:/sbin")

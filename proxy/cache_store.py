@@ -1,0 +1,654 @@
+"""Where cached responses live: body files plus one SQLite index.
+
+Layout under ``PROXY_CACHE_DIR``::
+
+    index.sqlite3          the index (WAL mode), shared by every process
+    objects/ab/<name>      one entry file per stored response
+    tmp/<name>             fills in progress (same file system: rename is atomic)
+
+The index row is the truth: a response is served only while its row exists,
+so deleting rows (purge, ban, invalidation, eviction) takes effect for every
+worker at the commit. Entry files are named by random tokens, never by
+anything from the request, and carry a header (magic, format version, the
+row's id, the URL, body length) checked on every open, so a truncated,
+overwritten or foreign file is a miss and is removed.
+
+Every statement is short (an indexed SELECT for a lookup; one transaction to
+publish), so a gevent worker blocks its loop for microseconds, not for as
+long as another process holds the write lock beyond ``BUSY_TIMEOUT_MS``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .cache_config import CacheConfig
+from .cache_policy import Stored
+from .cache_policy import variant as select
+
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "INVALIDATION_WINDOW_S",
+    "MAGIC",
+    "CacheDirError",
+    "Entry",
+    "Fill",
+    "Key",
+    "Lookup",
+    "Store",
+    "index_path",
+    "prepare",
+]
+
+log = logging.getLogger("proxy")
+
+INDEX = "index.sqlite3"
+MAGIC = b"EPCACHE\x00"
+FORMAT_VERSION = 1
+_PREAMBLE = struct.Struct(">8sHI")  # magic, version, length of the JSON header
+#: Longest a writer waits for another process's transaction (all are short).
+BUSY_TIMEOUT_MS = 2000
+#: Invalidation records (purges, bans, unsafe-method answers) are kept this
+#: long for fills in flight to check before they publish; a fill older than
+#: the oldest dropped record is not published.
+INVALIDATION_WINDOW_S = 600.0
+#: Longest host and target in a key; longer requests are not cached.
+MAX_HOST_BYTES = 255
+MAX_TARGET_BYTES = 8192
+#: The index's ``used`` time is written at most this often per entry (LRU
+#: granularity), so hits do not each take the write lock.
+TOUCH_INTERVAL_S = 10.0
+#: Hard upper bound on variants read per lookup, whatever the configuration says.
+_VARIANT_ROWS = 256
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT PRIMARY KEY,
+    scheme TEXT NOT NULL,
+    host TEXT NOT NULL,
+    target TEXT NOT NULL,
+    vary TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    file TEXT NOT NULL,
+    body_size INTEGER NOT NULL,
+    disk_size INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    meta TEXT NOT NULL,
+    stored REAL NOT NULL,
+    used REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_url ON entries (host, target, scheme);
+CREATE INDEX IF NOT EXISTS entries_target ON entries (target);
+CREATE INDEX IF NOT EXISTS entries_used ON entries (used);
+CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals VALUES (0, 0);
+CREATE TRIGGER IF NOT EXISTS entries_added AFTER INSERT ON entries
+    BEGIN UPDATE totals SET bytes = bytes + NEW.disk_size WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS entries_removed AFTER DELETE ON entries
+    BEGIN UPDATE totals SET bytes = bytes - OLD.disk_size WHERE id = 0; END;
+CREATE TABLE IF NOT EXISTS invalidations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    host TEXT,
+    target TEXT,
+    expr TEXT
+);
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO state VALUES ('pruned_upto', 0);
+"""
+
+
+class CacheDirError(Exception):
+    """``PROXY_CACHE_DIR`` cannot hold the cache; the message says why."""
+
+
+def index_path(directory: Path) -> Path:
+    return directory / INDEX
+
+
+def _connect(directory: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(index_path(directory), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    db.execute("PRAGMA journal_mode = WAL")
+    # WAL + NORMAL: a commit survives any process crash; only a power loss
+    # may lose the last commits (their files then fail verification).
+    db.execute("PRAGMA synchronous = NORMAL")
+    return db
+
+
+def prepare(directory: Path, config: CacheConfig, sweep: bool) -> None:
+    """Master start-up and reload: create the directory and the index, apply
+    ``max_size``, and (``sweep``, at start-up only, when no fill can be in
+    flight) remove temp files and entry files no row names."""
+    try:
+        for sub in ("objects", "tmp"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+        probe = directory / "tmp" / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        db = _connect(directory)
+        try:
+            db.executescript(_SCHEMA)
+            store = Store(directory, config, db)
+            store.evict(0)
+            if sweep:
+                store.sweep()
+        finally:
+            db.close()
+    except OSError as exc:
+        raise CacheDirError(f"{exc.strerror or exc} ({exc.filename or directory})") from None
+    except sqlite3.Error as exc:
+        raise CacheDirError(f"index {index_path(directory)}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """What identifies a URL: the scheme the client used, host, raw target."""
+
+    scheme: str
+    host: str
+    target: str
+
+    @classmethod
+    def make(cls, scheme: str, host: str, target: str) -> Key | None:
+        """None when the request is too long to be a key."""
+        host = host.lower()
+        if len(host) > MAX_HOST_BYTES or len(target) > MAX_TARGET_BYTES:
+            return None
+        return cls(scheme, host, target)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}{self.target}"
+
+    def entry_id(self, vary: str, variant: str) -> str:
+        data = "\0".join((self.scheme, self.host, self.target, vary, variant))
+        return hashlib.sha256(data.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: str
+    key: Key
+    file: str
+    body_size: int
+    stored: Stored
+    used: float
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    entry: Entry | None
+    #: ``uri-miss`` (no entry for the URL) or ``vary-miss`` (none for this variant).
+    miss: str
+
+
+def _one(db: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> tuple[Any, ...] | None:
+    """The first row. ``fetchall``, not ``fetchone``: a statement left
+    unfinished keeps its read transaction open, and the connection would go
+    on seeing that old snapshot of the index (purged rows included)."""
+    rows = db.execute(sql, args).fetchall()
+    return tuple(rows[0]) if rows else None
+
+
+def _value(db: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> Any:
+    """The single value of an aggregate query."""
+    row = _one(db, sql, args)
+    return row[0] if row else None
+
+
+def _is_full(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, OSError)
+        and exc.errno in _FULL
+        or (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc))
+    )
+
+
+class _Trouble:
+    """Logs the first failure of a kind, then stays quiet until a success."""
+
+    def __init__(self) -> None:
+        self.failing: set[str] = set()
+
+    def report(self, kind: str, message: str, *args: object) -> None:
+        if kind not in self.failing:
+            self.failing.add(kind)
+            log.error(message, *args)
+
+    def ok(self, kind: str) -> None:
+        self.failing.discard(kind)
+
+
+class Store:
+    """One process's handle on the shared cache (open it after fork)."""
+
+    def __init__(self, directory: Path, config: CacheConfig, db: sqlite3.Connection | None = None) -> None:
+        self.directory = directory
+        self.config = config
+        self._db = db
+        self.trouble = _Trouble()
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = _connect(self.directory)
+        return self._db
+
+    def _path(self, file: str) -> Path:
+        return self.directory / "objects" / file[:2] / file
+
+    def _unlink(self, files: list[str]) -> None:
+        for file in files:
+            try:
+                self._path(file).unlink()
+            except FileNotFoundError:
+                pass
+
+    # -- lookup and hits ----------------------------------------------------------
+
+    def lookup(self, key: Key, request_header: Callable[[str], str | None]) -> Lookup:
+        """The variant stored for this request, if any: one indexed SELECT."""
+        rows = self.db.execute(
+            "SELECT id, vary, variant, file, body_size, meta, used FROM entries"
+            " WHERE host = ? AND target = ? AND scheme = ? LIMIT ?",
+            (key.host, key.target, key.scheme, _VARIANT_ROWS),
+        ).fetchall()
+        if not rows:
+            return Lookup(None, "uri-miss")
+        chosen: dict[str, str | None] = {}
+        for entry_id, vary, stored_variant, file, body_size, meta, used in rows:
+            if vary not in chosen:
+                chosen[vary] = select(json.loads(vary), request_header)
+            if chosen[vary] == stored_variant:
+                return Lookup(Entry(entry_id, key, file, body_size, Stored.from_json(meta), used), "")
+        return Lookup(None, "vary-miss")
+
+    def open(self, entry: Entry) -> BinaryIO | None:
+        """The entry's file positioned at its body, verified; None (and the
+        entry removed) when it is missing, truncated, overwritten or foreign."""
+        path = self._path(entry.file)
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            self.remove(entry, "file missing")
+            return None
+        try:
+            preamble = f.read(_PREAMBLE.size)
+            magic, version, length = _PREAMBLE.unpack(preamble)
+            if magic != MAGIC or version != FORMAT_VERSION or length > 65536:
+                raise ValueError("not an entry file of this format")
+            head = json.loads(f.read(length))
+            if head.get("id") != entry.id or head.get("body") != entry.body_size:
+                raise ValueError("header names another entry")
+            if os.fstat(f.fileno()).st_size != _PREAMBLE.size + length + entry.body_size:
+                raise ValueError("size does not match the header")
+        except (ValueError, struct.error, OSError, AttributeError) as exc:
+            f.close()
+            self.remove(entry, f"corrupt entry file {path.name}: {exc}")
+            return None
+        return f
+
+    def remove(self, entry: Entry, why: str) -> None:
+        log.warning("cache: removing %s (%s)", entry.key.url, why)
+        try:
+            self.db.execute("DELETE FROM entries WHERE id = ? AND file = ?", (entry.id, entry.file))
+        except sqlite3.Error as exc:
+            self.trouble.report("index", "cache: index write failed: %s", exc)
+        self._unlink([entry.file])
+
+    def touch(self, entry: Entry, now: float) -> None:
+        if now - entry.used < TOUCH_INTERVAL_S:
+            return
+        try:
+            self.db.execute("UPDATE entries SET used = ? WHERE id = ?", (now, entry.id))
+        except sqlite3.Error as exc:
+            self.trouble.report("index", "cache: index write failed: %s", exc)
+
+    def refresh(self, entry: Entry, stored: Stored) -> None:
+        """A 304 refreshed the entry's headers (the body file is unchanged)."""
+        try:
+            self.db.execute(
+                "UPDATE entries SET meta = ?, used = ? WHERE id = ? AND file = ?",
+                (stored.to_json(), time.time(), entry.id, entry.file),
+            )
+        except sqlite3.Error as exc:
+            self.trouble.report("index", "cache: index write failed: %s", exc)
+
+    # -- fills ----------------------------------------------------------------------
+
+    def begin_fill(self, key: Key, vary: tuple[str, ...], variant: str, stored: Stored) -> Fill | None:
+        """A temp file to stream the body into; None if the cache cannot take it."""
+        try:
+            start_seq = _value(self.db, "SELECT COALESCE(MAX(seq), 0) FROM invalidations")
+        except sqlite3.Error as exc:
+            self.trouble.report("index", "cache: index unusable, passing through: %s", exc)
+            return None
+        vary_text = json.dumps(list(vary), separators=(",", ":"))
+        fill = Fill(self, key, key.entry_id(vary_text, variant), vary_text, variant, stored, start_seq)
+        return fill if fill.open() else None
+
+    def _invalidated(self, db: sqlite3.Connection, fill: Fill) -> bool:
+        """Whether a purge, ban or invalidation issued since the fill began hits it."""
+        pruned = _value(db, "SELECT value FROM state WHERE name = 'pruned_upto'")
+        if pruned > fill.start_seq:
+            return True
+        rows = db.execute(
+            "SELECT kind, host, target, expr FROM invalidations WHERE seq > ?", (fill.start_seq,)
+        ).fetchall()
+        key = fill.key
+        for kind, host, target, expr in rows:
+            if kind == "url" and (host is None or host == key.host) and target == key.target:
+                return True
+            if kind == "ban" and _ban_matches(expr, key, fill.stored):
+                return True
+        return False
+
+    def publish(self, fill: Fill, disk_size: int) -> bool:
+        """Rename the finished temp file into place and add its row, atomically
+        for every reader; evicts to stay within ``max_size``."""
+        db = self.db
+        final = self._path(fill.file)
+        removed: list[str] = []
+        try:
+            final.parent.mkdir(exist_ok=True)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._invalidated(db, fill):
+                    db.execute("ROLLBACK")
+                    return False
+                key = fill.key
+                old = _one(db, "SELECT file FROM entries WHERE id = ?", (fill.id,))
+                if old:
+                    removed.append(old[0])
+                    db.execute("DELETE FROM entries WHERE id = ?", (fill.id,))
+                siblings = db.execute(
+                    "SELECT id, file FROM entries WHERE host = ? AND target = ? AND scheme = ? ORDER BY used DESC",
+                    (key.host, key.target, key.scheme),
+                ).fetchall()
+                for entry_id, file in siblings[max(0, self.config.max_variants - 1) :]:
+                    removed.append(file)
+                    db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+                removed.extend(self._evict_in(db, disk_size))
+                os.rename(fill.temp, final)
+                now = time.time()
+                db.execute(
+                    "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        fill.id,
+                        key.scheme,
+                        key.host,
+                        key.target,
+                        fill.vary,
+                        fill.variant,
+                        fill.file,
+                        fill.written,
+                        disk_size,
+                        fill.stored.status,
+                        fill.stored.to_json(),
+                        now,
+                        now,
+                    ),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                self._unlink([fill.file])
+                raise
+        except (OSError, sqlite3.Error) as exc:
+            kind = "full" if _is_full(exc) else "index"
+            self.trouble.report(kind, "cache: cannot store %s, passing through: %s", fill.key.url, exc)
+            return False
+        self.trouble.ok("index")
+        self._unlink(removed)
+        return True
+
+    # -- size ------------------------------------------------------------------------
+
+    def _evict_in(self, db: sqlite3.Connection, incoming: int) -> list[str]:
+        """Delete least recently used rows until ``incoming`` more bytes fit."""
+        removed: list[str] = []
+        total = _value(db, "SELECT bytes FROM totals WHERE id = 0")
+        excess = total + incoming - self.config.max_size
+        while excess > 0:
+            rows = db.execute("SELECT id, file, disk_size FROM entries ORDER BY used LIMIT 64").fetchall()
+            if not rows:
+                break
+            for entry_id, file, size in rows:
+                db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+                removed.append(file)
+                excess -= size
+                if excess <= 0:
+                    break
+        return removed
+
+    def evict(self, incoming: int) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            removed = self._evict_in(db, incoming)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._unlink(removed)
+
+    def sweep(self) -> None:
+        for temp in (self.directory / "tmp").iterdir():
+            temp.unlink(missing_ok=True)
+        known = {file for (file,) in self.db.execute("SELECT file FROM entries").fetchall()}
+        for sub in (self.directory / "objects").iterdir():
+            if sub.is_dir():
+                for path in sub.iterdir():
+                    if path.name not in known:
+                        path.unlink(missing_ok=True)
+
+    # -- invalidation, purge, ban ----------------------------------------------------
+
+    def _record(
+        self, db: sqlite3.Connection, kind: str, host: str | None, target: str | None, expr: str | None
+    ) -> None:
+        now = time.time()
+        db.execute(
+            "INSERT INTO invalidations (at, kind, host, target, expr) VALUES (?, ?, ?, ?, ?)",
+            (now, kind, host, target, expr),
+        )
+        old = _value(db, "SELECT MAX(seq) FROM invalidations WHERE at < ?", (now - INVALIDATION_WINDOW_S,))
+        if old is not None:
+            db.execute("DELETE FROM invalidations WHERE seq <= ?", (old,))
+            db.execute("UPDATE state SET value = MAX(value, ?) WHERE name = 'pruned_upto'", (old,))
+
+    def invalidate(self, host: str | None, target: str) -> int:
+        """Remove every variant of ``target`` (on ``host``, or on every host
+        when None), in both schemes; fills in flight for it will not publish."""
+        db = self.db
+        host = host.lower() if host is not None else None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if host is None:
+                rows = db.execute("SELECT id, file FROM entries WHERE target = ?", (target,)).fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT id, file FROM entries WHERE host = ? AND target = ?", (host, target)
+                ).fetchall()
+            db.executemany("DELETE FROM entries WHERE id = ?", [(r[0],) for r in rows])
+            self._record(db, "url", host, target, None)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._unlink([r[1] for r in rows])
+        return len(rows)
+
+    def ban(self, text: str) -> int:
+        """Every stored object the ban expression matches is removed; the
+        ban is recorded first, so a fill in flight checks it before publishing."""
+        from . import ban as ban_module
+
+        expr = ban_module.parse(text)
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._record(db, "ban", None, None, str(expr))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        matched: list[tuple[str, str]] = []
+        for entry_id, scheme, host, target, file, meta in db.execute(
+            "SELECT id, scheme, host, target, file, meta FROM entries"
+        ).fetchall():
+            if expr.matches(_subject(Key(scheme, host, target), Stored.from_json(meta))):
+                matched.append((entry_id, file))
+        for start in range(0, len(matched), 500):  # short transactions: workers keep writing
+            batch = matched[start : start + 500]
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM entries WHERE id = ? AND file = ?", batch)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        self._unlink([file for _, file in matched])
+        return len(matched)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _subject(key: Key, stored: Stored) -> object:
+    from . import ban as ban_module
+
+    headers: dict[str, str] = {}
+    for name, value in stored.headers:
+        lower = name.lower()
+        headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value
+    return ban_module.BanSubject(url=key.target, host=key.host, status=stored.status, headers=headers)
+
+
+def _ban_matches(text: str, key: Key, stored: Stored) -> bool:
+    from . import ban as ban_module
+
+    return bool(ban_module.parse(text).matches(_subject(key, stored)))
+
+
+class Fill:
+    """A response body being written to a temp file while it streams."""
+
+    def __init__(
+        self, store: Store, key: Key, entry_id: str, vary: str, variant: str, stored: Stored, start_seq: int
+    ) -> None:
+        self.store = store
+        self.key = key
+        self.id = entry_id
+        self.vary = vary
+        self.variant = variant
+        self.stored = stored
+        self.start_seq = start_seq
+        self.file = secrets.token_hex(16)
+        self.temp = store.directory / "tmp" / self.file
+        self.written = 0
+        self._f: BinaryIO | None = None
+        self._head_size = 0
+
+    def open(self) -> bool:
+        head = json.dumps(
+            {"id": self.id, "url": self.key.url, "body": 0, "created": time.time()}, separators=(",", ":")
+        ).encode()
+        try:
+            self._f = self.temp.open("xb")
+            self._f.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(head) + 20))
+            self._f.write(head + b" " * 20)  # room for the body length, written at the end
+        except OSError as exc:
+            self._fail(exc)
+            return False
+        self._head_size = _PREAMBLE.size + len(head) + 20
+        return True
+
+    def _fail(self, exc: OSError) -> None:
+        kind = "full" if exc.errno in _FULL else "disk"
+        self.store.trouble.report(kind, "cache: cannot write %s, passing through: %s", self.temp.parent, exc)
+        self.abandon()
+
+    @property
+    def active(self) -> bool:
+        return self._f is not None
+
+    def write(self, data: bytes) -> None:
+        """Append body bytes; on any failure the fill is abandoned, silently
+        after the first report (the response itself goes on)."""
+        f = self._f
+        if f is None:
+            return
+        if self.written + len(data) > self.store.config.max_object_size:
+            self.abandon()
+            return
+        try:
+            f.write(data)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self.written += len(data)
+
+    def finish(self) -> bool:
+        """The body is complete and verified: finalise the header and publish."""
+        f = self._f
+        if f is None:
+            return False
+        head = json.dumps(
+            {"id": self.id, "url": self.key.url, "body": self.written, "created": time.time()},
+            separators=(",", ":"),
+        ).encode()
+        try:
+            room = self._head_size - _PREAMBLE.size
+            if len(head) > room:
+                raise OSError(errno.EOVERFLOW, "entry header grew past its room")
+            f.seek(0)
+            f.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, room))
+            f.write(head.ljust(room))
+            f.close()
+        except OSError as exc:
+            self._fail(exc)
+            return False
+        self._f = None
+        if self.store.publish(self, self._head_size + self.written):
+            self.store.trouble.ok("full")
+            return True
+        self.temp.unlink(missing_ok=True)
+        return False
+
+    def abandon(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.temp.unlink(missing_ok=True)
+
+
+def iter_file(f: BinaryIO, length: int, block: int) -> Iterator[bytes]:
+    """Up to ``length`` bytes of ``f`` in blocks (stops early at end of file)."""
+    while length > 0:
+        data = f.read(min(block, length))
+        if not data:
+            return
+        length -= len(data)
+        yield data

@@ -1,0 +1,455 @@
+"""The shared cache (issue 15) through the real master, two gevent workers,
+the real origin and the real hook scripts."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import resource
+import signal
+import sqlite3
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from conftest import Proxy, wait_for
+from origin import pattern_bytes
+
+CACHE_ON = "[cache]\nenabled = true\n"
+
+
+def cache_url(name: str, *headers: str, **options: str) -> str:
+    query = [("h", h) for h in headers] + list(options.items())
+    return f"/cache/{name}?{urllib.parse.urlencode(query)}"
+
+
+def statuses(response) -> list[str]:
+    return [v for k, v in response.getheaders() if k.lower() == "cache-status"]
+
+
+def records(proxy: Proxy) -> list[dict]:
+    return [json.loads(line) for line in proxy.access_log().splitlines() if line]
+
+
+def record_of(proxy: Proxy, request_id: str) -> dict:
+    return wait_for(
+        lambda: next((r for r in records(proxy) if r["request_id"] == request_id), None),
+        what=f"access record {request_id}",
+    )
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, origin):
+    """One caching proxy with two workers, shared by the tests that use distinct paths."""
+    tmp = tmp_path_factory.mktemp("cached")
+    proxy = Proxy(
+        tmp, origin, env={"WEB_CONCURRENCY": "2", "PROXY_CACHE_DIR": str(tmp / "cache")}, config=CACHE_ON
+    ).start()
+    wait_for(lambda: len(proxy.workers()) == 2, what="two workers")
+    yield proxy
+    proxy.stop()
+
+
+def make_cached(make_proxy, tmp_path, config: str = CACHE_ON, **env: str) -> Proxy:
+    return make_proxy(env={"WEB_CONCURRENCY": "2", "PROXY_CACHE_DIR": str(tmp_path / "cache"), **env}, config=config)
+
+
+def get(proxy: Proxy, path: str, headers: dict | None = None, method: str = "GET"):
+    response, body = proxy.request(method, path, headers=headers)
+    return response, body
+
+
+# -- store and hit, across workers ------------------------------------------------------
+
+
+def test_stored_by_one_worker_is_a_hit_in_the_other(cached, origin):
+    path = cache_url("shared", "Cache-Control:max-age=300")
+    first = cached.connection()
+    first.request("GET", path, headers={"X-Request-Id": "shared-1"})
+    response = first.getresponse()
+    body = response.read()
+    assert statuses(response) == ["edge-proxy; fwd=uri-miss; stored; ttl=300"]
+    storer = record_of(cached, "shared-1")
+    assert storer["cache_status"] == "MISS"
+    # Hold the first connection open: the balancer gives the next one to the other worker.
+    seen = set()
+    for attempt in range(20):
+        other = cached.connection()
+        other.request("GET", path, headers={"X-Request-Id": f"shared-2-{attempt}"})
+        again = other.getresponse()
+        assert again.read() == body
+        assert statuses(again)[0].startswith("edge-proxy; hit; ttl=")
+        assert again.getheader("Age") is not None
+        record = record_of(cached, f"shared-2-{attempt}")
+        assert record["cache_status"] == "HIT"
+        seen.add(record["worker_pid"])
+        other.close()
+        if record["worker_pid"] != storer["worker_pid"]:
+            break
+    first.close()
+    assert seen - {storer["worker_pid"]}, "every hit landed on the storing worker"
+    assert origin.cache_count("/cache/shared") == 1
+
+
+def test_head_is_served_from_a_stored_get(cached, origin):
+    path = cache_url("head", "Cache-Control:max-age=300")
+    _, body = get(cached, path)
+    response, head_body = get(cached, path, method="HEAD")
+    assert head_body == b""
+    assert response.getheader("Content-Length") == str(len(body))
+    assert statuses(response)[0].startswith("edge-proxy; hit")
+    assert origin.cache_count("/cache/head") == 1
+
+
+@pytest.mark.parametrize(
+    "name,headers,detail",
+    [
+        ("nofresh", [], "no-freshness"),
+        ("nostore", ["Cache-Control:max-age=60, no-store"], "no-store"),
+        ("private", ["Cache-Control:private, max-age=60"], "private"),
+        ("cookie", ["Cache-Control:max-age=60", "Set-Cookie:session=secret"], "set-cookie"),
+        ("varystar", ["Cache-Control:max-age=60", "Vary:*"], "vary"),
+    ],
+)
+def test_not_stored(cached, origin, name, headers, detail):
+    path = cache_url(name, *headers)
+    for n in (1, 2):
+        response, body = get(cached, path)
+        assert body == f"/cache/{name} #{n}".encode()
+        assert statuses(response) == [f"edge-proxy; fwd=uri-miss; detail={detail}"]
+
+
+def test_cut_short_and_proxy_errors_are_not_stored(cached, origin):
+    for options in ({"truncate": "1"}, {"truncate": "1", "chunked": "1"}):
+        path = cache_url("cut" + "".join(options), "Cache-Control:max-age=60", size="200000", **options)
+        for _ in (1, 2):
+            try:
+                get(cached, path)
+            except Exception:
+                pass
+        assert origin.cache_count(path.split("?")[0]) == 2
+    # 5xx that next-hop never sent: the health check path is never cached either.
+    response, _ = get(cached, "/.well-known/section-io/aee-hc/healthz?ts=1")
+    assert not statuses(response)
+
+
+def test_chunked_body_is_stored_and_served_byte_exact(cached, origin):
+    path = cache_url("chunked", "Cache-Control:max-age=60", size="300000", chunked="1")
+    _, body = get(cached, path)
+    response, again = get(cached, path)
+    assert again == body == pattern_bytes(300000)
+    assert statuses(response)[0].startswith("edge-proxy; hit")
+    assert origin.cache_count("/cache/chunked") == 1
+
+
+def test_http_and_https_do_not_share_entries(cached, origin):
+    path = cache_url("scheme", "Cache-Control:max-age=60")
+    _, plain = get(cached, path)
+    _, secure = get(cached, path, {"X-Forwarded-Proto": "https"})
+    assert plain != secure
+    assert get(cached, path, {"X-Forwarded-Proto": "https"})[1] == secure
+    assert get(cached, path)[1] == plain
+
+
+def test_vary_keeps_variants_side_by_side(cached, origin):
+    path = cache_url("vary", "Cache-Control:max-age=60", "Vary:Accept-Language", vary_echo="Accept-Language")
+    _, en = get(cached, path, {"Accept-Language": "en"})
+    _, fr = get(cached, path, {"Accept-Language": "fr"})
+    assert (en, fr) == (b"Accept-Language=en", b"Accept-Language=fr")
+    response, again = get(cached, path, {"Accept-Language": " en "})  # whitespace is normalised
+    assert again == en and statuses(response)[0].startswith("edge-proxy; hit")
+    response, _ = get(cached, path, {"Accept-Language": "de"})
+    assert statuses(response)[0].startswith("edge-proxy; fwd=vary-miss")
+    assert origin.cache_count("/cache/vary") == 3
+
+
+def test_cdn_cache_control_wins_and_is_not_forwarded(cached, origin):
+    path = cache_url("cdn", "Cache-Control:no-store", "CDN-Cache-Control:max-age=120")
+    response, _ = get(cached, path)
+    assert response.getheader("CDN-Cache-Control") is None
+    assert response.getheader("Cache-Control") == "no-store"
+    response, _ = get(cached, path)
+    assert statuses(response)[0].startswith("edge-proxy; hit")
+    assert response.getheader("CDN-Cache-Control") is None
+
+
+def test_authorization_only_with_public(cached, origin):
+    auth = {"Authorization": "Basic dXNlcjpwdw=="}
+    path = cache_url("auth", "Cache-Control:max-age=60")
+    get(cached, path, auth)
+    assert statuses(get(cached, path, auth)[0]) == ["edge-proxy; fwd=uri-miss; detail=authorization"]
+    public = cache_url("authpublic", "Cache-Control:public, max-age=60")
+    get(cached, public, auth)
+    assert statuses(get(cached, public, auth)[0])[0].startswith("edge-proxy; hit")
+
+
+# -- request directives, Age, validation ----------------------------------------------
+
+
+def test_only_if_cached_is_504_when_nothing_is_stored(cached, origin):
+    path = cache_url("oic", "Cache-Control:max-age=60")
+    response, _ = get(cached, path, {"Cache-Control": "only-if-cached"})
+    assert response.status == 504
+    assert origin.cache_count("/cache/oic") == 0
+    get(cached, path)
+    response, _ = get(cached, path, {"Cache-Control": "only-if-cached"})
+    assert response.status == 200
+
+
+def test_request_directives(cached, origin):
+    date = email.utils.formatdate(time.time() - 30, usegmt=True)
+    path = cache_url("directives", "Cache-Control:max-age=100", f"Date:{date}")
+    get(cached, path)
+    response, _ = get(cached, path)
+    assert int(response.getheader("Age")) >= 30
+    assert statuses(response)[0].startswith("edge-proxy; hit")
+    for directive in ("max-age=10", "min-fresh=90", "no-cache"):
+        response, body = get(cached, path, {"Cache-Control": directive})
+        assert statuses(response)[0].startswith("edge-proxy; fwd="), directive
+    # max-stale accepts an expired entry unless it must be revalidated.
+    stale = cache_url("maxstale", "Cache-Control:max-age=1", "Age:5")
+    get(cached, stale)
+    response, _ = get(cached, stale, {"Cache-Control": "max-stale=60", "X-Request-Id": "max-stale"})
+    assert statuses(response)[0].startswith("edge-proxy; hit; ttl=-")
+    assert record_of(cached, "max-stale")["cache_status"] == "STALE"
+    strict = cache_url("mustreval", "Cache-Control:max-age=1, must-revalidate", "Age:5")
+    get(cached, strict)
+    response, _ = get(cached, strict, {"Cache-Control": "max-stale=60"})
+    assert statuses(response)[0].startswith("edge-proxy; fwd=stale")
+
+
+def test_stale_entry_revalidated_with_304(cached, origin):
+    path = cache_url("reval", "Cache-Control:max-age=0", "X-Version:1", etag='"e1"')
+    _, body = get(cached, path)
+    assert statuses(get(cached, path)[0])[0] == "edge-proxy; fwd=stale; fwd-status=304; ttl=0"
+    response, again = get(cached, path)
+    assert again == body  # the stored body, not a new one
+    assert origin.cache_count("/cache/reval") == 3
+    last = origin.requests[-1]
+    assert last.header("If-None-Match") == '"e1"'
+    assert record_of(cached, last.header("X-Request-Id"))["cache_status"] == "REVALIDATED"
+
+
+def test_client_conditional_answered_304_from_a_fresh_entry(cached, origin):
+    path = cache_url("cond", "Cache-Control:max-age=60", etag='"c1"')
+    get(cached, path)
+    response, body = get(cached, path, {"If-None-Match": '"c1"'})
+    assert response.status == 304 and body == b""
+    assert response.getheader("ETag") == '"c1"'
+    assert origin.cache_count("/cache/cond") == 1
+
+
+def test_unsafe_method_invalidates_target_and_location(cached, origin):
+    path = cache_url("unsafe", "Cache-Control:max-age=60")
+    other = cache_url("unsafe-other", "Cache-Control:max-age=60")
+    get(cached, path)
+    get(cached, other)
+    post = cache_url("unsafe", f"Location:{other}")
+    # The POST's target is ``post``; invalidating it must also remove ``other`` (Location).
+    get(cached, post)  # a GET first: ``post`` stores nothing (no freshness)
+    response, _ = cached.request("POST", post, body=b"x", headers={"Host": "h"})
+    assert response.status == 200
+    assert statuses(get(cached, path)[0])[0].startswith("edge-proxy; hit")  # another target
+    response, _ = cached.request("POST", path, body=b"x")
+    assert statuses(get(cached, path)[0])[0].startswith("edge-proxy; fwd=uri-miss")
+
+
+# -- purge ---------------------------------------------------------------------------
+
+
+def test_purge_across_workers_and_idempotent(cached, origin):
+    path = cache_url("purge", "Cache-Control:max-age=300", "Vary:Accept", vary_echo="Accept")
+    for accept in ("a", "b"):
+        get(cached, path, {"Accept": accept})
+        assert statuses(get(cached, path, {"Accept": accept})[0])[0].startswith("edge-proxy; hit")
+    host = f"127.0.0.1:{cached.port}"
+    for _ in (1, 2):
+        result = cached.hook("messagehandler", "purge", f"http://{host}{path}")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("purged")
+    # Straight after the hook returns, no worker has it: two connections held open at once.
+    conns = [cached.connection(), cached.connection()]
+    for conn, accept in zip(conns, "ab", strict=True):
+        conn.request("GET", path, headers={"Accept": accept})
+        response = conn.getresponse()
+        response.read()
+        assert statuses(response)[0].startswith("edge-proxy; fwd="), statuses(response)
+    for conn in conns:
+        conn.close()
+
+
+def test_purge_and_ban_without_a_cache(make_proxy, tmp_path):
+    proxy = make_proxy(env={"PROXY_CACHE_DIR": str(tmp_path / "none")}, start=False)
+    result = proxy.hook("messagehandler", "purge", "http://example.com/x")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert not (tmp_path / "none").exists()
+    assert proxy.hook("messagehandler", "purge", "not a url").returncode != 0
+
+
+# -- persistence, corruption, eviction ----------------------------------------------------
+
+
+def test_survives_reload_and_restart(make_proxy, tmp_path, origin):
+    proxy = make_cached(make_proxy, tmp_path)
+    path = cache_url("persist", "Cache-Control:max-age=300")
+    host = {"Host": "persist.example"}
+    _, body = get(proxy, path, host)
+    assert proxy.hook("update").returncode == 0
+    assert statuses(get(proxy, path, host)[0])[0].startswith("edge-proxy; hit")
+    proxy.stop()
+    again = make_proxy(env={"WEB_CONCURRENCY": "2", "PROXY_CACHE_DIR": str(tmp_path / "cache")}, config=CACHE_ON)
+    response, second = get(again, path, host)
+    assert second == body and statuses(response)[0].startswith("edge-proxy; hit")
+    assert origin.cache_count("/cache/persist") == 1
+
+
+def entry_files(cache_dir: Path) -> list[Path]:
+    return sorted(p for p in (cache_dir / "objects").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "foreign"])
+def test_corrupt_entry_is_a_miss_and_removed(cached, origin, damage):
+    cache_dir = Path(cached.env["PROXY_CACHE_DIR"])
+    path = cache_url(f"corrupt-{damage}", "Cache-Control:max-age=300", size="50000")
+    before = set(entry_files(cache_dir))
+    get(cached, path)
+    (file,) = set(entry_files(cache_dir)) - before
+    if damage == "truncate":
+        os.truncate(file, file.stat().st_size - 100)
+    elif damage == "overwrite":
+        with file.open("r+b") as f:
+            f.write(b"garbage!" * 8)
+    else:
+        other = next(iter(before)) if before else None
+        file.write_bytes(other.read_bytes() if other else b"not a cache file")
+    response, body = get(cached, path)
+    assert statuses(response)[0].startswith("edge-proxy; fwd=uri-miss; stored")
+    assert body == pattern_bytes(50000)
+    assert not file.exists()
+    assert "corrupt entry file" in cached.error_log()
+
+
+def test_eviction_at_max_size(make_proxy, tmp_path, origin):
+    proxy = make_cached(make_proxy, tmp_path, config=CACHE_ON + "max_size = 1048576\nmax_object_size = 400000\n")
+    paths = [cache_url(f"evict{n}", "Cache-Control:max-age=300", size="300000") for n in range(5)]
+    for path in paths:
+        get(proxy, path)
+        total = sum(p.stat().st_size for p in entry_files(tmp_path / "cache"))
+        assert total <= 1048576
+    assert statuses(get(proxy, paths[-1])[0])[0].startswith("edge-proxy; hit")
+    assert statuses(get(proxy, paths[0])[0])[0].startswith("edge-proxy; fwd=uri-miss")
+    big = cache_url("evictbig", "Cache-Control:max-age=300", size="500000")
+    get(proxy, big)
+    assert statuses(get(proxy, big)[0]) == ["edge-proxy; fwd=uri-miss; detail=size"]
+
+
+def test_full_disk_passes_through_and_logs_once(make_proxy, tmp_path, origin):
+    """RLIMIT_FSIZE (inherited by the master and workers, SIGXFSZ ignored)
+    makes every write past 256 KiB fail with EFBIG, as a full disk would."""
+    proxy = make_proxy(env={"PROXY_CACHE_DIR": str(tmp_path / "cache")}, config=CACHE_ON, start=False)
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proxy.process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+        cwd=ROOT,
+        env=proxy.env,
+        stdout=proxy.stdout_path.open("wb"),
+        stderr=proxy.stderr_path.open("wb"),
+        preexec_fn=limited,
+    )
+    proxy.wait_ready()
+    for n in range(3):
+        path = cache_url(f"full{n}", "Cache-Control:max-age=300", size="600000")
+        response, body = get(proxy, path)
+        assert response.status == 200 and body == pattern_bytes(600000)
+    log = proxy.error_log()
+    assert log.count("passing through") == 1, log
+
+
+# -- Age through a chain of two caching proxies -----------------------------------------
+
+
+def test_age_through_a_chain(make_proxy, tmp_path, origin):
+    inner = make_proxy(env={"PROXY_CACHE_DIR": str(tmp_path / "inner")}, config=CACHE_ON, name="inner")
+    outer = make_proxy(
+        env={"PROXY_CACHE_DIR": str(tmp_path / "outer"), "NEXT_HOP": f"127.0.0.1:{inner.port}"},
+        config=CACHE_ON,
+        name="outer",
+    )
+    path = cache_url("chain", "Cache-Control:max-age=100", "Age:30")
+    response, body = get(outer, path)
+    assert len(statuses(response)) == 2
+    assert statuses(response)[0].startswith("edge-proxy; fwd=uri-miss; stored")  # inner's, then outer's
+    assert statuses(response)[1].startswith("edge-proxy; fwd=uri-miss; stored")
+    response, again = get(outer, path)
+    assert again == body
+    assert int(response.getheader("Age")) >= 30
+    assert int(statuses(response)[0].rsplit("ttl=", 1)[1]) <= 70
+    origin_count = origin.cache_count("/cache/chain")
+    response, _ = get(inner, path, {"Host": f"127.0.0.1:{outer.port}"})
+    assert int(response.getheader("Age")) >= 30 and statuses(response)[0].startswith("edge-proxy; hit")
+    assert origin.cache_count("/cache/chain") == origin_count == 1
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def test_validate_reports_bad_cache_values(make_proxy):
+    proxy = make_proxy(
+        config='[cache]\nenabled = "yes"\nmax_size = -1\nmax_variants = 1000\nbypass_paths = ["x"]\ncolour = 1\n',
+        start=False,
+    )
+    result = proxy.hook("validate")
+    assert result.returncode != 0
+    for key, line in (("enabled", 2), ("max_size", 3), ("max_variants", 4), ("bypass_paths", 5), ("colour", 6)):
+        assert f"proxy.toml:{line}: cache.{key}:" in result.stderr, result.stderr
+
+
+def test_unusable_cache_dir_stops_start_up(make_proxy, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proxy = make_proxy(env={"PROXY_CACHE_DIR": str(blocker / "cache")}, config=CACHE_ON, start=False)
+    proxy.start(wait=False)
+    assert proxy.process.wait(30) != 0
+    assert "PROXY_CACHE_DIR=" in proxy.error_log() + proxy.stderr()
+
+
+def test_index_lookup_uses_the_index(cached):
+    db = sqlite3.connect(Path(cached.env["PROXY_CACHE_DIR"]) / "index.sqlite3")
+    plan = db.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM entries WHERE host = ? AND target = ? AND scheme = ?", ("h", "/", "http")
+    ).fetchall()
+    db.close()
+    assert "USING INDEX entries_url" in str(plan)
+
+
+def test_ban_across_workers(cached, origin):
+    """Runs once proxy/ban.py (the ban helper's module) is in the tree."""
+    pytest.importorskip("proxy.ban")
+    keep = cache_url("ban-keep", "Cache-Control:max-age=300")
+    gone = cache_url("ban-gone", "Cache-Control:max-age=300", "X-Group:doomed")
+    for path in (keep, gone):
+        get(cached, path)
+    bad = cached.hook("messagehandler", "ban", "obj.http.x-group ==")
+    assert bad.returncode != 0 and "offset" in bad.stderr
+    result = cached.hook("messagehandler", "ban", 'obj.http.x-group == "doomed" && req.url ~ "^/cache/ban-"')
+    assert result.returncode == 0, result.stderr
+    conns = [cached.connection(), cached.connection()]
+    for conn, (path, expected) in zip(
+        conns, ((gone, "edge-proxy; fwd=uri-miss"), (keep, "edge-proxy; hit")), strict=True
+    ):
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        assert statuses(response)[0].startswith(expected)
+        conn.close()
