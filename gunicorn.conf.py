@@ -18,8 +18,9 @@ os.environ["GEVENT_RESOLVER"] = "thread"
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from proxy import balance, cache_store, internals  # noqa: E402
+from proxy import balance, cache_store, internals, metrics_server  # noqa: E402
 from proxy import config as proxy_config  # noqa: E402
+from proxy import metrics as proxy_metrics  # noqa: E402
 from proxy import settings as proxy_settings  # noqa: E402
 from proxy.logs import error_log, logging_config  # noqa: E402
 
@@ -109,6 +110,17 @@ def on_starting(server) -> None:
         error_log.error("PROXY_CACHE_DIR=%s unusable, not starting: %s", _settings.cache_dir, exc)
         raise SystemExit(1) from None
     balance.create_table()
+    proxy_metrics.prepare(_settings)
+
+
+def when_ready(server) -> None:
+    """The Prometheus endpoint on loopback, served by this master (proxy.metrics_server)."""
+    if _settings.metrics_port is not None:
+        metrics_server.serve(_settings.metrics_port, _settings.metrics_dir)
+
+
+def on_exit(server) -> None:
+    metrics_server.stop()
 
 
 def on_reload(server) -> None:
@@ -119,13 +131,16 @@ def on_reload(server) -> None:
         _prepare_cache(config, startup=False)
     except proxy_config.ConfigError as exc:
         error_log.error("reload: invalid configuration, keeping the previous one: %s", exc)
+        proxy_metrics.reloaded(ok=False)
     except cache_store.CacheDirError as exc:
         error_log.error(
             "reload: PROXY_CACHE_DIR=%s unusable, keeping the previous configuration: %s", _settings.cache_dir, exc
         )
+        proxy_metrics.reloaded(ok=False)
     else:
         proxy_config.active = config
         error_log.info("reload: configuration applied from %s", _settings.config_dir)
+        proxy_metrics.reloaded(ok=True)
 
 
 def pre_fork(server, worker) -> None:
@@ -133,5 +148,15 @@ def pre_fork(server, worker) -> None:
     worker.balance_slot = balance.assign(server.WORKERS.values())
 
 
+def post_worker_init(worker) -> None:
+    proxy_metrics.start_worker(lambda: worker.share.open)
+
+
+def worker_exit(server, worker) -> None:
+    """In the exiting worker: its last counts reach its metric files."""
+    proxy_metrics.flush()
+
+
 def child_exit(server, worker) -> None:
     balance.release(getattr(worker, "balance_slot", None))
+    proxy_metrics.worker_exited(worker.pid)

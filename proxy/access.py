@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, MutableMapping
 from typing import Any, Protocol
 
-from . import logs
+from . import logs, metrics
 from .logs import access_log, access_logged, iso_time, write_access
 
 __all__ = ["AccessRecord", "BodyCount", "StartResponse", "record_rejected"]
@@ -109,6 +109,7 @@ class AccessRecord:
         """
         access_logged.set(True)
         try:
+            metrics.observe(self)
             if access_log.isEnabledFor(logging.INFO):
                 write_access(self.fields())
         finally:

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from . import config as config_module
+from . import metrics
 from . import settings as settings_module
 from .access import AccessRecord, StartResponse
 from .cache import CacheLayer
@@ -312,6 +313,7 @@ class Proxy:
         exchange: AccessRecord = environ["proxy.exchange"]
         exchange.outcome = "upstream_error"
         exchange.upstream_end = time.perf_counter()
+        metrics.upstream_failure(exc.kind)
         error_log.error(
             "%s %s -> %d: %s",
             environ["REQUEST_METHOD"],

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from . import cache_config, cache_store, config
+from .metrics_server import snapshot
 from .settings import Settings, SettingsError, from_environ
 
 LOGROTATE_TEMPLATE = Path(__file__).with_name("logrotate.conf")
@@ -351,13 +352,16 @@ def message(settings: Settings, name: str, args: list[str]) -> None:
     what update.sh does; ``reopen-logs`` has the master and its workers reopen
     their log files (SIGUSR1; nothing to do when logging to stdout or when no
     proxy runs); ``purge URL`` and ``ban EXPR`` remove cached objects (nothing
-    to do when there is no cache)."""
+    to do when there is no cache); ``metrics`` prints the metrics as a scrape
+    gets them (nothing when metrics are off or no proxy has run)."""
     if name in ("purge", "ban"):
         if not args or not " ".join(args).strip():
             raise HookError(f"{name}: missing argument")
         (purge if name == "purge" else ban)(settings, " ".join(args).strip())
     elif name in ("updateenvironment", "reload"):
         update(settings)
+    elif name == "metrics":
+        sys.stdout.buffer.write(snapshot(settings.metrics_dir))
     elif name == "reopen-logs":
         master = running_master(settings)
         if master is not None and settings.log_target == "file":

@@ -1,4 +1,4 @@
-"""The one door to private parts of Gunicorn, gevent and urllib3.
+"""The one door to private parts of Gunicorn, gevent, urllib3 and prometheus_client.
 
 The proxy leans on a few names these libraries do not promise to keep: it
 rebinds classes Gunicorn looks up at call time, overrides private methods,
@@ -34,6 +34,9 @@ from gunicorn.http import wsgi as _wsgi
 from gunicorn.workers import ggevent as _ggevent
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from prometheus_client import Histogram
     from urllib3 import HTTPConnectionPool
     from urllib3.connection import HTTPConnection
 
@@ -49,6 +52,7 @@ __all__ = [
     "InternalsError",
     "Method",
     "Piece",
+    "add_histogram_counts",
     "QuietAccessLogger",
     "check",
     "client_read_ahead",
@@ -106,9 +110,12 @@ class Attribute:
 
 @dataclass(frozen=True)
 class InstanceAttribute:
-    """An attribute each instance gets in ``__init__`` (of the class or a base):
-    checked on the code, so that nothing is built (a gevent server would
-    create the event loop in the master)."""
+    """An attribute each instance gets in ``__init__`` (of the class or a
+    base), or in the method named by ``set_in``: checked on the code, so that
+    nothing is built (a gevent server would create the event loop in the
+    master)."""
+
+    set_in: str = "__init__"
 
     def problem(self, owner: object, name: str) -> str | None:
         return None
@@ -139,8 +146,8 @@ class Piece:
             if owner is _MISSING:
                 return f"{self.module}.{self.name} is missing ({part})"
         if isinstance(self.shape, InstanceAttribute):
-            if not _set_in_init(owner, last):
-                return f"{self.module}.{self.name} is no longer set by {owner.__name__}.__init__"
+            if not _set_in(owner, last, self.shape.set_in):
+                return f"{self.module}.{self.name} is no longer set by {owner.__name__}.{self.shape.set_in}"
             return None
         if not hasattr(owner, last):
             return f"{self.module}.{self.name} is missing"
@@ -151,9 +158,9 @@ class Piece:
 _MISSING = object()
 
 
-def _set_in_init(cls: type, name: str) -> bool:
+def _set_in(cls: type, name: str, method: str) -> bool:
     for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
+        init = klass.__dict__.get(method)
         code = getattr(init, "__code__", None)
         if code is not None and name in code.co_names:
             return True
@@ -213,6 +220,21 @@ PIECES: tuple[Piece, ...] = (
     Piece("urllib3", "urllib3.connectionpool", "HTTPConnectionPool.ConnectionCls", Attribute(), "the peeking check"),
     Piece("urllib3", "urllib3.connection", "HTTPConnection.is_connected", Attribute(), "the peeking check"),
     Piece("urllib3", "urllib3.poolmanager", "PoolManager.pool_classes_by_scheme", InstanceAttribute(), "the pool"),
+    # prometheus_client: a worker's histogram counts written once per flush.
+    Piece(
+        "prometheus_client",
+        "prometheus_client.metrics",
+        "Histogram._buckets",
+        InstanceAttribute("_metric_init"),
+        "batched histogram writes",
+    ),
+    Piece(
+        "prometheus_client",
+        "prometheus_client.metrics",
+        "Histogram._sum",
+        InstanceAttribute("_metric_init"),
+        "batched histogram writes",
+    ),
 )
 
 
@@ -222,7 +244,7 @@ BEFORE_PATCHING = ("gunicorn", "gevent")
 #: Libraries checked in each worker once gevent has patched it, before the app
 #: loads: urllib3 keeps direct references to ``ssl``'s names, so importing it
 #: earlier (in the master) would leave them unpatched in every worker.
-AFTER_PATCHING = ("urllib3",)
+AFTER_PATCHING = ("urllib3", "prometheus_client")
 
 
 class InternalsError(RuntimeError):
@@ -367,3 +389,18 @@ def return_pooled(pool: HTTPConnectionPool, conn: HTTPConnection | None) -> None
     """Give ``conn`` back to the pool; ``None`` (after closing a connection
     that must not be reused) frees its slot for a new one."""
     pool._put_conn(conn)
+
+
+# -- prometheus_client ---------------------------------------------------------------------
+
+
+def add_histogram_counts(histogram: Histogram, counts: Sequence[int], total: float) -> None:
+    """Add observations counted per bucket to a histogram: each bucket's
+    count and the sum written once (prometheus_client takes one observation
+    at a time, a file write for its bucket and one for its sum each time)."""
+    if not any(counts):
+        return
+    for value, count in zip(histogram._buckets, counts, strict=True):
+        if count:
+            value.inc(count)
+    histogram._sum.inc(total)

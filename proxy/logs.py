@@ -30,6 +30,7 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from . import metrics
 from .internals import QuietAccessLogger
 from .settings import Settings
 
@@ -335,6 +336,10 @@ class ProxyGunicornLogger(QuietAccessLogger):
         # handler: the error log), in the master and, inherited, in the workers.
         logging.captureWarnings(True)
         super().setup(cfg)
+
+    def reopen_files(self) -> None:
+        super().reopen_files()
+        metrics.log_reopened()
 
 
 def logging_config(settings: Settings) -> dict[str, Any]:

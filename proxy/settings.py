@@ -60,6 +60,17 @@ class _NextHop(Kind[tuple[str, int]]):
         return host, int(port)
 
 
+class _PortOrOff(Kind["int | None"]):
+    """A TCP port, or ``off`` (None)."""
+
+    text = "port or `off`"
+
+    def from_text(self, text: str) -> int | None:
+        if text.lower() == "off":
+            return None
+        return Integer(1, 65535).from_text(text)
+
+
 @dataclass(frozen=True)
 class Variable:
     """One environment variable; unset or blank means ``default``."""
@@ -132,6 +143,14 @@ VARIABLES: tuple[Variable, ...] = (
         "`off` drops access lines (for measuring the cost of logging)",
     ),
     Variable(
+        "PROXY_METRICS_PORT",
+        "metrics_port",
+        _PortOrOff(),
+        "9000",
+        "the Prometheus endpoint's port, on 127.0.0.1 only ([docs/metrics.md](docs/metrics.md)); `off`: no "
+        "endpoint, nothing counted",
+    ),
+    Variable(
         "PROXY_KEEPALIVE_TIMEOUT",
         "keepalive_timeout",
         Seconds(1, 3600, whole=True),
@@ -173,6 +192,8 @@ class Settings:
     log_target: str
     log_format: str
     access_log_enabled: bool
+    #: Loopback port of the Prometheus endpoint; None: metrics are off.
+    metrics_port: int | None
     keepalive_timeout: int
     graceful_timeout: int
     worker_timeout: int
@@ -190,6 +211,11 @@ class Settings:
         return self.run_dir / "gunicorn.pid"
 
     @property
+    def metrics_dir(self) -> Path:
+        """The workers' metric files (prometheus_client's multiprocess directory)."""
+        return self.run_dir / "metrics"
+
+    @property
     def access_log(self) -> Path:
         return self.log_dir / "access.log"
 
@@ -200,4 +226,7 @@ class Settings:
 
 def from_environ(env: Mapping[str, str] = os.environ) -> Settings:
     """Read every variable once; raise SettingsError naming the bad one."""
-    return Settings(**{v.field: v.read(env) for v in VARIABLES})
+    settings = Settings(**{v.field: v.read(env) for v in VARIABLES})
+    if settings.metrics_port == settings.port:
+        raise SettingsError(f"PROXY_METRICS_PORT={settings.metrics_port}: the same port as PORT")
+    return settings

@@ -34,7 +34,7 @@ from typing import Any, Protocol, cast
 import gevent
 from gunicorn.workers.base_async import ALREADY_HANDLED
 
-from . import internals
+from . import internals, metrics
 from .headers import Header
 from .logs import error_log
 from .sockets import BLOCK_SIZE
@@ -85,6 +85,7 @@ def tunnel(
     head_bytes = "".join(head).encode("latin-1", "replace")
     record.status = 101
     record.header_bytes = len(head_bytes)
+    metrics.tunnel_opened()
     counts = [0, 0]
     end = "error"
     try:
@@ -119,6 +120,7 @@ def tunnel(
 
 
 def _finish(record: TunnelRecord, client: socket.socket, response: Response, counts: list[int], end: str) -> None:
+    metrics.tunnel_closed()
     record.upstream_end = time.perf_counter()
     record.tunnel_bytes_up = counts[0]
     record.body_bytes = counts[1]

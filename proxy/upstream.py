@@ -35,7 +35,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import Timeout
 
-from . import internals
+from . import internals, metrics
 from .headers import Header, sendable_head
 from .http1 import Head, NoAnswer, ResponseError, ResponseReader, Signal, parse_head
 from .request_body import RequestBody
@@ -57,12 +57,15 @@ __all__ = [
 
 class UpstreamError(Exception):
     """The request could not be answered by next-hop; ``status`` is what the
-    client gets and ``reason`` what the error log says."""
+    client gets and ``reason`` what the error log says. ``kind`` says how
+    next-hop failed (``proxy.metrics.FAILURE_KINDS``); None when the request
+    itself could not be sent (next-hop is not to blame)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, kind: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.kind = kind
 
 
 # -- the request ------------------------------------------------------------------------
@@ -275,6 +278,7 @@ class Upstream:
                     began = time.perf_counter()
                     conn.connect()
                     connect_s = time.perf_counter() - began
+                metrics.upstream_connection(reused)
                 sock = conn.sock
                 sock.settimeout(self.read_timeout)
                 phase = "send"
@@ -303,19 +307,20 @@ def failure(exc: BaseException, phase: str, read_timeout: float) -> BaseExceptio
     failing, the greenlet being killed) goes on as it is. ``phase`` is
     ``connect``, ``send`` or ``answer``."""
     if isinstance(exc, NameResolutionError):
-        return UpstreamError(502, f"cannot resolve next-hop: {exc.conn.host}")
+        return UpstreamError(502, f"cannot resolve next-hop: {exc.conn.host}", "unresolvable")
     if isinstance(exc, NewConnectionError):
-        return UpstreamError(502, f"cannot connect to next-hop: {exc}")
+        refused = isinstance(exc.__cause__, ConnectionRefusedError)
+        return UpstreamError(502, f"cannot connect to next-hop: {exc}", "refused" if refused else "other")
     if isinstance(exc, ConnectTimeoutError):
-        return UpstreamError(504, "connect to next-hop timed out")
+        return UpstreamError(504, "connect to next-hop timed out", "timeout")
     if isinstance(exc, TimeoutError):
         if phase == "send":
-            return UpstreamError(504, f"next-hop took no request body for {read_timeout:g}s")
-        return UpstreamError(504, f"next-hop sent no response within {read_timeout:g}s")
+            return UpstreamError(504, f"next-hop took no request body for {read_timeout:g}s", "timeout")
+        return UpstreamError(504, f"next-hop sent no response within {read_timeout:g}s", "timeout")
     if isinstance(exc, _STALE):
-        return UpstreamError(502, f"next-hop closed the connection before answering: {exc!r}")
+        return UpstreamError(502, f"next-hop closed the connection before answering: {exc!r}", "reset")
     if isinstance(exc, ResponseError):
-        return UpstreamError(502, f"invalid response from next-hop: {exc}")
+        return UpstreamError(502, f"invalid response from next-hop: {exc}", "invalid_answer")
     if isinstance(exc, OSError):
-        return UpstreamError(502, f"connection to next-hop failed: {exc!r}")
+        return UpstreamError(502, f"connection to next-hop failed: {exc!r}", "other")
     return exc

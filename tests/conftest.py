@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,6 +24,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def fixed_port() -> int:
+    """A free port below the kernel's ephemeral range: unlike one from
+    ``free_port``, no later ``free_port`` call can hand it out again (a test's
+    "nothing listens there" next-hop must not turn out to be this one)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(10000, low), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
@@ -168,6 +184,7 @@ class Proxy:
             "PROXY_LOG_TARGET": "file",
             "PROXY_LOG_FORMAT": "json",
             "PROXY_PYTHON": sys.executable,
+            "PROXY_METRICS_PORT": str(fixed_port()),
             **(env or {}),
         }
         self.stdout_path = tmp / "stdout.txt"
