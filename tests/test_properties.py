@@ -149,6 +149,9 @@ def test_upstream_request_headers(env, keep_upgrade):
     for name in ("Host", "X-Forwarded-Proto", "True-Client-IP"):
         if environ_key(name) in env:
             assert (name.lower(), env[environ_key(name)]) in [(n.lower(), v) for n, v in out]
+    # exactly one Host: next-hop gets HTTP/1.1, which requires it (empty when the client sent none)
+    hosts = [v for n, v in out if n.lower() == "host"]
+    assert hosts == [env.get("HTTP_HOST", "")]
     # every other field passes once, unchanged, in order
     dropped = (HOP_BY_HOP | {"expect", "content-length", "content-type", "x-forwarded-for"} | options) - (
         {"upgrade"} if keep_upgrade else set()
@@ -163,6 +166,7 @@ def test_upstream_request_headers(env, keep_upgrade):
         for n, v in out
         if n.lower() not in {"content-length", "content-type", "x-forwarded-for"}
         and not (n.lower() == "x-request-id" and client_id is None)
+        and not (n.lower() == "host" and "HTTP_HOST" not in env)
         and not (keep_upgrade and n.lower() == "connection")
     ]
     assert passed == expected
