@@ -46,6 +46,7 @@ __all__ = [
     "COUNTERS",
     "COUNTS_FLUSH_S",
     "INVALIDATION_WINDOW_S",
+    "LOOKUP_SQL",
     "MAGIC",
     "CacheDirError",
     "Entry",
@@ -53,6 +54,7 @@ __all__ = [
     "Key",
     "Lookup",
     "Store",
+    "TAGGED_SQL",
     "index_path",
     "prepare",
     "read_stats",
@@ -132,6 +134,17 @@ CREATE TRIGGER IF NOT EXISTS entries_untagged AFTER DELETE ON entries
     BEGIN DELETE FROM tags WHERE entry = OLD.id; END;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
+
+
+#: The whole of a lookup: the rows of one URL, through ``entries_url`` (the
+#: tests check the query plan), so its cost grows with neither the number
+#: of entries nor of bans (bans are never evaluated on lookup).
+LOOKUP_SQL = (
+    "SELECT id, vary, variant, file, body_size, meta, used FROM entries"
+    " WHERE host = ? AND target = ? AND scheme = ? LIMIT ?"
+)
+#: The rows a ``purge-key`` removes, through the tags table's primary key.
+TAGGED_SQL = "SELECT e.id, e.file FROM tags t JOIN entries e ON e.id = t.entry WHERE t.tag IN ({})"
 
 
 class CacheDirError(Exception):
@@ -360,11 +373,7 @@ class Store:
 
     def lookup(self, key: Key, request_header: Callable[[str], str | None]) -> Lookup:
         """The variant stored for this request, if any: one indexed SELECT."""
-        rows = self.db.execute(
-            "SELECT id, vary, variant, file, body_size, meta, used FROM entries"
-            " WHERE host = ? AND target = ? AND scheme = ? LIMIT ?",
-            (key.host, key.target, key.scheme, _VARIANT_ROWS),
-        ).fetchall()
+        rows = self.db.execute(LOOKUP_SQL, (key.host, key.target, key.scheme, _VARIANT_ROWS)).fetchall()
         if not rows:
             return Lookup(None, "uri-miss")
         chosen: dict[str, str | None] = {}
@@ -649,13 +658,7 @@ class Store:
             rows: set[tuple[str, str]] = set()
             for start in range(0, len(unique), 500):
                 batch = unique[start : start + 500]
-                rows.update(
-                    db.execute(
-                        "SELECT e.id, e.file FROM tags t JOIN entries e ON e.id = t.entry"
-                        f" WHERE t.tag IN ({','.join('?' * len(batch))})",
-                        batch,
-                    ).fetchall()
-                )
+                rows.update(db.execute(TAGGED_SQL.format(",".join("?" * len(batch))), batch).fetchall())
             db.executemany("DELETE FROM entries WHERE id = ? AND file = ?", sorted(rows))
             self._record(db, "tag", None, None, " ".join(unique))
             _add(db, {"purges": 1})
