@@ -359,6 +359,8 @@ http {{
         listen 127.0.0.1:{port} backlog=4096;
         root {www};
         location / {{ }}
+        # The cache scenarios' objects: the same files, cacheable for an hour.
+        location /cached/ {{ alias {www}/; expires 1h; }}
         # 1 MiB POSTs: the mirror module reads the whole body (into memory:
         # buffer size > body) before the content phase; the static module
         # then refuses POST with 405, turned into "200 ok". So the answer
@@ -381,12 +383,13 @@ _NGINX_PROXY = """\
 worker_processes 1;
 daemon off;
 master_process on;
-pid {tmp}/nginx-proxy.pid;
-error_log {tmp}/nginx-proxy-error.log warn;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}-error.log warn;
 worker_rlimit_nofile {nofile};
 events {{ worker_connections 20000; }}
 http {{
-    access_log {tmp}/nginx-proxy-access.log;
+    access_log {tmp}/{name}-access.log;
+    {cache_path}
     keepalive_timeout 75s;
     keepalive_requests 100000000;
     client_body_temp_path {tmp}/nginx-proxy-body;
@@ -411,6 +414,7 @@ http {{
             # Stream request bodies like the proxy under test does.
             proxy_request_buffering off;
             proxy_buffering {buffering};
+            {cache}
         }}
     }}
 }}
@@ -524,16 +528,20 @@ class Services:
         access_log: bool = True,
         name: str = "proxy",
         cpus: frozenset[int] | None = None,
+        cache: bool = False,
+        next_hop: Server | None = None,
     ) -> Server:
         """The proxy under test, exactly as the image starts it (only the bind
         address is narrowed to loopback on the command line)."""
         port = free_port()
         scratch = self.tmp / name
         (scratch / "config").mkdir(parents=True, exist_ok=True)
+        if cache:
+            (scratch / "config" / "proxy.toml").write_text("[cache]\nenabled = true\n")
         env = {
             **os.environ,
             "PORT": str(port),
-            "NEXT_HOP": f"127.0.0.1:{origin.port}",
+            "NEXT_HOP": f"127.0.0.1:{(next_hop or origin).port}",
             "WEB_CONCURRENCY": str(workers),
             "PROXY_CONFIG_DIR": str(scratch / "config"),
             "PROXY_LOG_DIR": str(scratch / "log"),
@@ -541,6 +549,7 @@ class Services:
             "PROXY_LOG_TARGET": "file",
             "PROXY_LOG_FORMAT": "json",
             "PROXY_ACCESS_LOG": "on" if access_log else "off",
+            "PROXY_CACHE_DIR": str(scratch / "cache"),
         }
         cmd = [str(self.proxy_python), "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
         server = self._spawn(name, port, cmd, signal.SIGTERM, cpus=cpus, cwd=ROOT, env=env)
@@ -549,24 +558,46 @@ class Services:
         return server
 
     def nginx_proxy(
-        self, origin: Server, response_buffering: bool = True, cpus: frozenset[int] | None = None
+        self,
+        origin: Server,
+        response_buffering: bool = True,
+        cpus: frozenset[int] | None = None,
+        cache: bool = False,
+        name: str = "nginx",
     ) -> Server:
         """nginx as a proxy, one worker; ``response_buffering=False`` streams
-        answers too (``proxy_buffering off``), as the proxy under test does."""
+        answers too (``proxy_buffering off``), as the proxy under test does;
+        ``cache``: with ``proxy_cache`` (files on disk, sendfile on)."""
         port = free_port()
-        conf = self.tmp / "nginx-proxy.conf"
+        conf = self.tmp / f"{name}.conf"
         conf.write_text(
             _NGINX_PROXY.format(
                 user=self._user_line(),
                 nofile=_nofile(),
                 tmp=self.tmp,
+                name=name,
                 port=port,
                 origin=origin.port,
-                buffering="on" if response_buffering else "off",
+                buffering="on" if response_buffering or cache else "off",
+                cache_path=(
+                    f"proxy_cache_path {self.tmp}/{name}-cache levels=1:2 keys_zone={name}:10m max_size=1g;"
+                    " sendfile on; tcp_nopush on;"
+                    if cache
+                    else ""
+                ),
+                cache=f"proxy_cache {name}; proxy_cache_lock on;" if cache else "",
             )
         )
         cmd = ["nginx", "-p", str(self.tmp), "-c", str(conf), "-e", "stderr"]
-        server = self._spawn("nginx", port, cmd, cpus=cpus)
+        server = self._spawn(name, port, cmd, cpus=cpus)
+        self.wait_ready(server)
+        return server
+
+    def counting_origin(self, cpus: frozenset[int] | None = None) -> Server:
+        """The stampede scenario's origin (``counting_origin.py``)."""
+        port = free_port()
+        cmd = [sys.executable, str(BENCH / "counting_origin.py"), str(port)]
+        server = self._spawn("counting-origin", port, cmd, cpus=cpus)
         self.wait_ready(server)
         return server
 
@@ -725,3 +756,39 @@ def versions(proxy_python: Path) -> dict:
         "kernel": os.uname().release,
         "cpus": cpus(),
     }
+
+
+def stampede(port: int, path: str, clients: int, size: int, timeout: float = 30.0) -> dict:
+    """``clients`` GETs of ``path`` at once (threads released together): how
+    many got the whole body (``size`` bytes, status 200) and the time from
+    the release to the last byte of the last one."""
+    import http.client
+    import threading
+
+    barrier = threading.Barrier(clients + 1)
+    complete = [False] * clients
+    done_at = [0.0] * clients
+
+    def one(n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            conn.connect()
+            barrier.wait()
+            conn.request("GET", path)
+            response = conn.getresponse()
+            body = response.read()
+            complete[n] = response.status == 200 and len(body) == size
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            done_at[n] = time.perf_counter()
+            conn.close()
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return {"clients": clients, "complete": sum(complete), "last_byte_s": max(done_at) - start}

@@ -35,7 +35,17 @@ SERVERS = {
     "wsgiproxy2": "WSGIProxy2",
     "nginx": "nginx proxy",
     "origin": "origin direct",
+    "proxy_cache": "proxy, cache on",
+    "nginx_cache": "nginx proxy_cache",
 }
+#: The servers of the pass-through scenarios.
+PLAIN = ("proxy", "node", "wsgiproxy2", "nginx", "origin")
+#: The cache scenarios' servers: the caches, and this proxy without its cache.
+CACHES = ("proxy_cache", "nginx_cache", "proxy")
+#: The stampede scenario: clients asking at once for one expired 1 MiB object.
+STAMPEDE_CLIENTS = 100
+#: Largest growth of the caching proxy's worker RSS over its hit scenarios.
+RSS_GROWTH_LIMIT = 8 * MIB
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class Scenario:
     rounds: int = 1
     #: The same in the per-core mode, where every scenario but one carries a target.
     per_core_rounds: int = 3
+    servers: tuple[str, ...] = PLAIN
 
 
 SCENARIOS = (
@@ -63,6 +74,10 @@ SCENARIOS = (
     Scenario("1m_download", "1 MiB GET, 10 conns (MB/s)", "/1m", 10, 4, "mb_per_s_down", rounds=3),
     Scenario("1m_upload", "1 MiB POST, 10 conns (MB/s up)", "/upload", 10, 4, "mb_per_s_up", post_bytes=MIB),
     Scenario("1k_new_conn", "1 KiB GET, new conn per request, 50 conns", "/1k", 50, 10, headers=("Connection: close",)),
+    Scenario("1k_cache_hits", "1 KiB cache hits, 50 conns", "/cached/1k", 50, 10, rounds=3, servers=CACHES),
+    Scenario(
+        "1m_cache_hits", "1 MiB cache hits, 10 conns (MB/s)", "/cached/1m", 10, 4, "mb_per_s_down", servers=CACHES
+    ),
 )
 
 
@@ -223,6 +238,12 @@ def start_servers(services: harness.Services, args: argparse.Namespace, mode: Mo
             started[key] = services.wsgiproxy(origin, workers=mode.proxy_workers, cpus=pin)
         elif key == "nginx":
             started[key] = services.nginx_proxy(origin, response_buffering=mode.nginx_response_buffering, cpus=pin)
+        elif key == "proxy_cache":
+            started[key] = services.proxy(
+                origin, workers=mode.proxy_workers, access_log=True, cpus=pin, name="proxy-cache", cache=True
+            )
+        elif key == "nginx_cache":
+            started[key] = services.nginx_proxy(origin, cpus=pin, cache=True, name="nginx-cache")
     for server in started.values():
         harness.sanity_check(server)
     return started
@@ -263,9 +284,12 @@ def run_all(args: argparse.Namespace, servers: dict[str, harness.Server], mode: 
     for scenario in args.scenario_list:
         connections = scenario.quick_connections if args.quick else scenario.connections
         rounds = mode.rounds(scenario, args.quick)
-        runs: dict[str, list[dict]] = {key: [] for key in servers}
+        chosen = {key: server for key, server in servers.items() if key in scenario.servers}
+        if not chosen:
+            continue
+        runs: dict[str, list[dict]] = {key: [] for key in chosen}
         for round_ in range(rounds):
-            for key, server in servers.items():
+            for key, server in chosen.items():
                 run = dict(
                     url=server.url + scenario.path,
                     connections=connections,
@@ -284,8 +308,29 @@ def run_all(args: argparse.Namespace, servers: dict[str, harness.Server], mode: 
                 runs[key].append(measured_wrk(server, args.duration, **run))
                 time.sleep(0.5)
         results = {key: median_result(server_runs) for key, server_runs in runs.items()}
-        scenarios.append({**asdict(scenario), "rounds": rounds, "connections": connections, "results": results})
+        entry = {**asdict(scenario), "rounds": rounds, "connections": connections, "results": results}
+        if "proxy_cache" in chosen:
+            entry["proxy_cache_rss_bytes"] = sum(harness.rss_bytes(p) for p in chosen["proxy_cache"].worker_pids())
+        scenarios.append(entry)
     return scenarios
+
+
+def run_stampede(services: harness.Services, mode: Mode) -> dict:
+    """One expired 1 MiB object, ``STAMPEDE_CLIENTS`` requests at once through
+    a caching proxy: the origin's request count and the time to the last byte."""
+    origin = services.counting_origin(cpus=mode.load_cpus)
+    proxy = services.proxy(
+        origin, workers=mode.proxy_workers, cpus=mode.proxy_cpus, name="proxy-stampede", cache=True, next_hop=origin
+    )
+    harness.http_get(proxy.port, "/object")  # stored with max-age=1
+    time.sleep(1.5)  # now expired
+    before = int(harness.http_get(origin.port, "/count")[1])
+    log(f"{mode.title}, stampede: {STAMPEDE_CLIENTS} clients at once for one expired 1 MiB object")
+    result = harness.stampede(proxy.port, "/object", STAMPEDE_CLIENTS, MIB)
+    result["origin_requests"] = int(harness.http_get(origin.port, "/count")[1]) - before
+    services.stop(proxy)
+    services.stop(origin)
+    return result
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -374,6 +419,51 @@ def compute_per_core_targets(scenarios: list[dict]) -> list[Target]:
             1.0,
             "ge",
             proxy_cpu_us_per_request=cpu("1k_new_conn"),
+        ),
+    ]
+
+
+def cache_targets(scenarios: list[dict], stampede: dict | None) -> list[Target]:
+    """The cache's targets (issue 16), per core."""
+    value = _lookup(scenarios)
+    rss = [s["proxy_cache_rss_bytes"] for s in scenarios if "proxy_cache_rss_bytes" in s]
+    origin_requests = None
+    if stampede is not None:
+        whole = stampede["complete"] == stampede["clients"]
+        origin_requests = float(stampede["origin_requests"]) if whole else float("inf")
+    return [
+        Target(
+            "per_core_cache_1k_hits_vs_pass_through",
+            "1 KiB cache hits req/s: proxy cache / proxy pass-through",
+            _ratio(value("1k_cache_hits", "proxy_cache", "rps"), value("1k_cache_hits", "proxy", "rps")),
+            1.5,
+            "ge",
+            proxy_cpu_us_per_request=value("1k_cache_hits", "proxy_cache", "cpu_us_per_request"),
+        ),
+        Target(
+            "per_core_cache_1m_hits_vs_nginx",
+            "1 MiB cache hits MB/s: proxy cache / nginx proxy_cache",
+            _ratio(
+                value("1m_cache_hits", "proxy_cache", "mb_per_s_down"),
+                value("1m_cache_hits", "nginx_cache", "mb_per_s_down"),
+            ),
+            0.6,
+            "ge",
+            moonshot=1.0,
+        ),
+        Target(
+            "per_core_cache_stampede_origin_requests",
+            f"stampede: origin requests for {STAMPEDE_CLIENTS} clients (inf: a body incomplete)",
+            origin_requests,
+            1,
+            "le",
+        ),
+        Target(
+            "per_core_cache_rss_growth",
+            "proxy cache worker RSS growth over the hit scenarios (MiB)",
+            (max(rss) - min(rss)) / MIB if len(rss) > 1 else None,
+            RSS_GROWTH_LIMIT / MIB,
+            "le",
         ),
     ]
 
@@ -493,6 +583,7 @@ def run_mode(args: argparse.Namespace, mode: Mode) -> tuple[dict, list[Target]]:
         at_start = pinning(services, mode)
         scenarios = run_all(args, servers, mode)
         at_end = pinning(services, mode)  # workers still the pinned ones
+        stampede = run_stampede(services, mode) if "proxy_cache" in servers else None
         access_lines = None
         if "proxy" in servers:
             access_log = services.tmp / "proxy" / "log" / "access.log"
@@ -501,7 +592,10 @@ def run_mode(args: argparse.Namespace, mode: Mode) -> tuple[dict, list[Target]]:
         services.cleanup(keep=args.keep_scratch)
     wrk_cpus = sorted({r["wrk_cpus_allowed"] for s in scenarios for r in all_runs(s) if "wrk_cpus_allowed" in r})
     targets = compute_per_core_targets(scenarios) if mode.pinned else compute_targets(scenarios)
+    if mode.pinned:
+        targets += cache_targets(scenarios, stampede)
     section = {
+        "stampede": stampede,
         "settings": {
             "title": mode.title,
             "proxy_workers": mode.proxy_workers,

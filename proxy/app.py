@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from . import config as config_module
 from . import metrics
@@ -42,6 +43,7 @@ from .headers import (
 )
 from .logs import error_log
 from .request_body import BodyTooLarge, ClientBodyError, request_body
+from .sendfile import FileRegion
 from .sockets import BLOCK_SIZE
 from .tunnel import ALREADY_HANDLED, tunnel
 from .upstream import Response, ResponseError, Upstream, UpstreamError
@@ -81,6 +83,25 @@ class _Logged:
             if not self._done and exchange.outcome == "ok":
                 exchange.outcome = "client_abort"
             exchange.log()
+
+
+def _logged_file(body: Any, exchange: AccessRecord) -> Any:
+    """A body from a file (the cache's hits, ``proxy.sendfile``), given back
+    to the server as the WSGI file wrapper it is, so that it can go by
+    sendfile(2); the access line is written on close with what was sent."""
+    region: FileRegion = body.filelike
+
+    def close() -> None:
+        try:
+            region.close()
+        finally:
+            exchange.body_bytes = region.done
+            if exchange.outcome == "ok" and region.done < region.length:
+                exchange.outcome = "error" if region.failed else "client_abort"
+            exchange.log()
+
+    body.close = close
+    return body
 
 
 #: Longest time a connection closed after a 413 keeps discarding the body
@@ -191,6 +212,9 @@ class Proxy:
         if body is ALREADY_HANDLED:  # a finished tunnel: the socket is closed
             exchange.log()
             return body
+        wrapper = environ.get("wsgi.file_wrapper")
+        if wrapper and isinstance(body, wrapper) and isinstance(getattr(body, "filelike", None), FileRegion):
+            return _logged_file(body, exchange)
         if environ.get("proxy.linger"):
             return _LingeringClose(_Logged(body, exchange), environ["gunicorn.socket"])
         return _Logged(body, exchange)

@@ -10,24 +10,34 @@ complete (length, framing, no next-hop error).
 
 from __future__ import annotations
 
-import socket
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from . import cache_policy as policy
+from . import ranges
 from .access import StartResponse
 from .cache_config import CacheConfig
-from .cache_store import Entry, Fill, Key, Store, iter_file
+from .cache_store import Entry, Fill, Key, Store
 from .extension import WSGIApp
 from .headers import Header, is_upgrade, upstream_target
+from .sendfile import FileRegion
 from .sockets import BLOCK_SIZE
 
 __all__ = ["CacheLayer"]
 
 
 _CONDITIONALS = ("HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_MATCH", "HTTP_IF_UNMODIFIED_SINCE")
+#: The counters (``cache_store.COUNTERS``) each access-line ``cache_status`` adds to.
+_COUNTED: dict[str | None, tuple[str, ...]] = {
+    "HIT": ("hits",),
+    "STALE": ("hits", "stale"),
+    "MISS": ("misses",),
+    "EXPIRED": ("misses",),
+    "REVALIDATED": ("revalidated",),
+}
 
 
 def _environ_key(name: str) -> str:
@@ -66,6 +76,12 @@ class CacheLayer:
         self.store = store
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        body = self._dispatch(environ, start_response)
+        for name in _COUNTED.get(environ["proxy.exchange"].cache_status, ()):
+            self.store.count(name)
+        return body
+
+    def _dispatch(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         exchange = environ["proxy.exchange"]
         method = environ["REQUEST_METHOD"]
         target = upstream_target(environ["RAW_URI"])
@@ -117,22 +133,57 @@ class CacheLayer:
         status_member: str,
         extra_status: list[str] | None = None,
     ) -> Iterable[bytes]:
+        """The stored response: whole, a 304 to a matching conditional, or
+        the ranges asked for (206, 416). Bodies go by sendfile(2)."""
         stored = entry.stored
         now = time.time()
-        conditional = policy.not_modified(
-            stored, environ.get("HTTP_IF_NONE_MATCH"), environ.get("HTTP_IF_MODIFIED_SINCE")
-        )
-        headers = policy.sent_headers(stored, now, entry.body_size, conditional)
-        headers.extend(("Cache-Status", member) for member in [*(extra_status or []), status_member])
-        if conditional:
+        members = [("Cache-Status", member) for member in [*(extra_status or []), status_member]]
+        if policy.not_modified(stored, environ.get("HTTP_IF_NONE_MATCH"), environ.get("HTTP_IF_MODIFIED_SINCE")):
             body.close()
-            start_response("304 Not Modified", headers)
+            start_response("304 Not Modified", [*policy.sent_headers(stored, now, 0, True), *members])
             return []
-        start_response(f"{stored.status} {stored.reason}", headers)
-        if environ["REQUEST_METHOD"] == "HEAD":
+        size = entry.body_size
+        wanted = self._ranges(environ, stored, size)
+        if wanted is None:
+            headers = policy.sent_headers(stored, now, size, False)
+            start_response(f"{stored.status} {stored.reason}", [*headers, *members])
+            if environ["REQUEST_METHOD"] == "HEAD":
+                body.close()
+                return []
+            return _file_body(environ, body, 0, size)
+        if isinstance(wanted, str):  # ranges.UNSATISFIABLE
             body.close()
+            start_response(
+                "416 Range Not Satisfiable",
+                [("Content-Range", f"bytes */{size}"), ("Content-Length", "0"), *members],
+            )
             return []
-        return _HitBody(body, entry.body_size, environ)
+        if len(wanted) == 1:
+            (part,) = wanted
+            headers = policy.sent_headers(stored, now, part.length, False)
+            headers.append(("Content-Range", part.content_range(size)))
+            start_response("206 Partial Content", [*headers, *members])
+            return _file_body(environ, body, part.first, part.length)
+        boundary = f"{random.getrandbits(96):024x}"
+        heads = ranges.multipart_heads(wanted, size, stored.header("content-type"), boundary)
+        length = sum(len(h) for h in heads) + sum(r.length for r in wanted)
+        headers = [(n, v) for n, v in policy.sent_headers(stored, now, length, False) if n.lower() != "content-type"]
+        headers.append(("Content-Type", f"multipart/byteranges; boundary={boundary}"))
+        start_response("206 Partial Content", [*headers, *members])
+        return _Parts(body, wanted, heads)
+
+    @staticmethod
+    def _ranges(environ: dict[str, Any], stored: policy.Stored, size: int) -> list[ranges.ByteRange] | str | None:
+        """What a ``Range`` asks of this entry (see ``proxy.ranges``); None for
+        the whole body: no Range, not GET, not a 200, or ``If-Range`` failed."""
+        value = environ.get("HTTP_RANGE")
+        if value is None or environ["REQUEST_METHOD"] != "GET" or stored.status != 200:
+            return None
+        if not ranges.if_range_holds(
+            environ.get("HTTP_IF_RANGE"), stored.header("etag"), stored.header("last-modified"), stored.header("date")
+        ):
+            return None
+        return ranges.parse(value, size)
 
     def _only_if_cached(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         environ["proxy.exchange"].cache_status = "MISS"
@@ -265,7 +316,7 @@ class CacheLayer:
             else:
                 fill = self.store.begin_fill(key, names, selected, stored)
                 reason = None if fill is not None else "storage"
-        out = [(n, v) for n, v in headers if n.lower() != "cdn-cache-control"]
+        out = [(n, v) for n, v in headers if n.lower() not in policy.CONSUMED_FIELDS]
         if fill is not None:
             member = policy.cache_status(fwd=fwd, stored=True, ttl=fill.stored.ttl(time.time()))
         else:
@@ -298,28 +349,31 @@ def _drain(body: Iterable[bytes]) -> None:
             close()
 
 
-class _HitBody:
-    """Streams a stored body from its file, in blocks."""
+def _file_body(environ: dict[str, Any], file: BinaryIO, skip: int, length: int) -> Iterable[bytes]:
+    """``length`` bytes of the entry's body from ``skip``, in the server's
+    file wrapper (WSGI): the worker sends it with sendfile(2)."""
+    region = FileRegion(file, file.tell() + skip, length)
+    wrapper = environ.get("wsgi.file_wrapper")
+    return wrapper(region, BLOCK_SIZE) if wrapper is not None else region
 
-    __slots__ = ("_file", "_length", "_environ")
 
-    def __init__(self, file: BinaryIO, length: int, environ: dict[str, Any]) -> None:
+class _Parts:
+    """A ``multipart/byteranges`` body: each part's head, then its bytes from the file."""
+
+    __slots__ = ("_file", "_ranges", "_heads")
+
+    def __init__(self, file: BinaryIO, wanted: list[ranges.ByteRange], heads: list[bytes]) -> None:
         self._file = file
-        self._length = length
-        self._environ = environ
+        self._ranges = wanted
+        self._heads = heads
 
     def __iter__(self) -> Iterator[bytes]:
-        sent = 0
-        for block in iter_file(self._file, self._length, BLOCK_SIZE):
-            sent += len(block)
-            yield block
-        if sent != self._length:  # the file was cut under us: never pass a short body off as complete
-            environ = self._environ
-            environ["proxy.exchange"].outcome = "error"
-            try:
-                environ["gunicorn.socket"].shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        start = self._file.tell()
+        for part, head in zip(self._ranges, self._heads, strict=False):
+            yield head
+            region = FileRegion(self._file, start + part.first, part.length)
+            yield from region  # raises if the file was cut under us: never a short body passed off as whole
+        yield self._heads[-1]
 
     def close(self) -> None:
         self._file.close()

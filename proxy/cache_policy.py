@@ -19,6 +19,9 @@ from .headers import HOP_BY_HOP, Header
 
 __all__ = [
     "CACHE_NAME",
+    "CONSUMED_FIELDS",
+    "MAX_SURROGATE_KEYS",
+    "MAX_SURROGATE_KEY_BYTES",
     "MAX_VARY_NAMES",
     "MAX_VARIANT_BYTES",
     "Header",
@@ -40,6 +43,7 @@ __all__ = [
     "response_control",
     "sent_headers",
     "stored_headers",
+    "surrogate_keys",
     "usable",
     "variant",
     "vary_names",
@@ -52,6 +56,17 @@ CACHE_NAME = "edge-proxy"
 MAX_VARY_NAMES = 16
 #: Longest normalised request-header selection kept for one variant.
 MAX_VARIANT_BYTES = 4096
+
+#: Response fields meant for this cache, not sent downstream on answers to
+#: GET/HEAD through it: ``CDN-Cache-Control`` (RFC 9213, consumed here) and
+#: ``Surrogate-Key`` (the tags ``purge-key`` removes by; stored or not, as
+#: CDNs strip it at the edge).
+CONSUMED_FIELDS = frozenset({"cdn-cache-control", "surrogate-key"})
+#: A response naming more surrogate keys than this, or a key longer than
+#: ``MAX_SURROGATE_KEY_BYTES``, is not stored (bounded tag rows; a key
+#: dropped silently would make a later purge-key miss the object).
+MAX_SURROGATE_KEYS = 256
+MAX_SURROGATE_KEY_BYTES = 1024
 
 #: Final statuses this cache understands and stores given explicit freshness
 #: (RFC 9111 section 3). 206 waits for range support; 304 refreshes instead.
@@ -254,6 +269,8 @@ def not_storable(
         return "set-cookie"
     if vary_names(headers) is None:
         return "vary"
+    if surrogate_keys(header(headers, "surrogate-key")) is None:
+        return "surrogate-key"
     if freshness_lifetime(control, headers) is None:
         return "no-freshness"
     return None
@@ -392,11 +409,11 @@ def not_modified(stored: Stored, if_none_match: str | None, if_modified_since: s
 
 def sent_headers(stored: Stored, now: float, body_length: int, not_modified_only: bool) -> list[Header]:
     """Headers for an answer from the cache (Age and Content-Length computed;
-    CDN-Cache-Control consumed here, so not sent on)."""
+    ``CONSUMED_FIELDS`` not sent on)."""
     if not_modified_only:
         out = [(n, v) for n, v in stored.headers if n.lower() in _NOT_MODIFIED_FIELDS]
     else:
-        out = [(n, v) for n, v in stored.headers if n.lower() != "cdn-cache-control"]
+        out = [(n, v) for n, v in stored.headers if n.lower() not in CONSUMED_FIELDS]
         out.append(("Content-Length", str(body_length)))
     out.append(("Age", str(int(stored.age(now)))))
     return out
@@ -426,3 +443,14 @@ def cache_status(
     if detail is not None:
         parts.append(f"detail={detail}")
     return "; ".join(parts)
+
+
+def surrogate_keys(value: str | None) -> tuple[str, ...] | None:
+    """The tags of a ``Surrogate-Key`` value (space-separated, repeats
+    dropped); None when there are too many or one is too long."""
+    if not value:
+        return ()
+    keys = tuple(dict.fromkeys(value.split()))
+    if len(keys) > MAX_SURROGATE_KEYS or any(len(k) > MAX_SURROGATE_KEY_BYTES for k in keys):
+        return None
+    return keys

@@ -20,6 +20,7 @@ long as another process holds the write lock beyond ``BUSY_TIMEOUT_MS``.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import json
@@ -34,13 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import gevent  # type: ignore[import-untyped]
+
 from .cache_config import CacheConfig
-from .cache_policy import Stored
+from .cache_policy import Stored, surrogate_keys
 from .cache_policy import variant as select
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
+    "COUNTERS",
+    "COUNTS_FLUSH_S",
     "INVALIDATION_WINDOW_S",
+    "LOOKUP_SQL",
     "MAGIC",
     "CacheDirError",
     "Entry",
@@ -48,8 +54,10 @@ __all__ = [
     "Key",
     "Lookup",
     "Store",
+    "TAGGED_SQL",
     "index_path",
     "prepare",
+    "read_stats",
 ]
 
 log = logging.getLogger("proxy")
@@ -73,6 +81,17 @@ TOUCH_INTERVAL_S = 10.0
 #: Hard upper bound on variants read per lookup, whatever the configuration says.
 _VARIANT_ROWS = 256
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: The counters ``cache-stats`` prints (with the ``entries`` and
+#: ``bytes_stored`` gauges, read from the index). ``hits``: answered from an
+#: entry without asking next-hop (``stale`` ones included); ``misses``: the
+#: body came from next-hop (MISS, EXPIRED); ``revalidated``: a 304 let the
+#: stored body go out; ``collapsed``: requests fed from another's fill;
+#: ``evictions``: entries removed for space or past ``max_variants``;
+#: ``purges``, ``bans``: messages handled.
+COUNTERS = ("hits", "misses", "revalidated", "stale", "collapsed", "evictions", "purges", "bans")
+#: A worker adds the counts of its requests to the index this often (one
+#: short transaction), and when it exits: hits never take the write lock.
+COUNTS_FLUSH_S = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -109,7 +128,23 @@ CREATE TABLE IF NOT EXISTS invalidations (
 );
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO state VALUES ('pruned_upto', 0);
+CREATE TABLE IF NOT EXISTS tags (tag TEXT NOT NULL, entry TEXT NOT NULL, PRIMARY KEY (tag, entry)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_entry ON tags (entry);
+CREATE TRIGGER IF NOT EXISTS entries_untagged AFTER DELETE ON entries
+    BEGIN DELETE FROM tags WHERE entry = OLD.id; END;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
+
+
+#: The whole of a lookup: the rows of one URL, through ``entries_url`` (the
+#: tests check the query plan), so its cost grows with neither the number
+#: of entries nor of bans (bans are never evaluated on lookup).
+LOOKUP_SQL = (
+    "SELECT id, vary, variant, file, body_size, meta, used FROM entries"
+    " WHERE host = ? AND target = ? AND scheme = ? LIMIT ?"
+)
+#: The rows a ``purge-key`` removes, through the tags table's primary key.
+TAGGED_SQL = "SELECT e.id, e.file FROM tags t JOIN entries e ON e.id = t.entry WHERE t.tag IN ({})"
 
 
 class CacheDirError(Exception):
@@ -211,6 +246,42 @@ def _value(db: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> A
     return row[0] if row else None
 
 
+def _add(db: sqlite3.Connection, counts: dict[str, int]) -> None:
+    """Add to the shared counters (inside the caller's transaction)."""
+    db.executemany(
+        "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+        [(name, n) for name, n in counts.items() if n],
+    )
+
+
+def read_stats(directory: Path) -> dict[str, int]:
+    """The counters and gauges of the cache in ``directory``, as every
+    worker last flushed them (zeros when there is no index): for
+    ``cache-stats`` and a metrics endpoint."""
+    stats = dict.fromkeys((*COUNTERS, "entries", "bytes_stored"), 0)
+    if not index_path(directory).is_file():
+        return stats
+    db = sqlite3.connect(f"file:{index_path(directory)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        for table, sql in (
+            ("counters", "SELECT name, value FROM counters"),
+            ("entries", "SELECT 'entries', COUNT(*) FROM entries"),
+            ("totals", "SELECT 'bytes_stored', bytes FROM totals WHERE id = 0"),
+        ):
+            try:
+                rows = db.execute(sql).fetchall()
+            except sqlite3.OperationalError as exc:  # an index from before the table existed
+                if f"no such table: {table}" not in str(exc):
+                    raise
+                continue
+            for name, value in rows:
+                if name in stats:
+                    stats[name] = int(value)
+    finally:
+        db.close()
+    return stats
+
+
 def _is_full(exc: BaseException) -> bool:
     return (
         isinstance(exc, OSError)
@@ -242,6 +313,9 @@ class Store:
         self.config = config
         self._db = db
         self.trouble = _Trouble()
+        self._counts: dict[str, int] = {}
+        self._flush_due = False
+        self._exit_flush = False
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -259,15 +333,47 @@ class Store:
             except FileNotFoundError:
                 pass
 
+    def ensure_schema(self) -> None:
+        """Create what an index made by an older version lacks (idempotent)."""
+        self.db.executescript(_SCHEMA)
+
+    # -- counters --------------------------------------------------------------------
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to one of ``COUNTERS``: the one call for every request path. Kept
+        in this process and added to the index within ``COUNTS_FLUSH_S``."""
+        if name not in COUNTERS:
+            raise ValueError(f"unknown cache counter {name!r}")
+        self._counts[name] = self._counts.get(name, 0) + n
+        if not self._flush_due:
+            self._flush_due = True
+            gevent.spawn_later(COUNTS_FLUSH_S, self.flush_counts)
+            if not self._exit_flush:
+                self._exit_flush = True
+                atexit.register(self.flush_counts)
+
+    def flush_counts(self) -> None:
+        counts, self._counts = self._counts, {}
+        self._flush_due = False
+        if not counts:
+            return
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                _add(db, counts)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self.trouble.report("index", "cache: counters not written: %s", exc)
+
     # -- lookup and hits ----------------------------------------------------------
 
     def lookup(self, key: Key, request_header: Callable[[str], str | None]) -> Lookup:
         """The variant stored for this request, if any: one indexed SELECT."""
-        rows = self.db.execute(
-            "SELECT id, vary, variant, file, body_size, meta, used FROM entries"
-            " WHERE host = ? AND target = ? AND scheme = ? LIMIT ?",
-            (key.host, key.target, key.scheme, _VARIANT_ROWS),
-        ).fetchall()
+        rows = self.db.execute(LOOKUP_SQL, (key.host, key.target, key.scheme, _VARIANT_ROWS)).fetchall()
         if not rows:
             return Lookup(None, "uri-miss")
         chosen: dict[str, str | None] = {}
@@ -283,7 +389,9 @@ class Store:
         entry removed) when it is missing, truncated, overwritten or foreign."""
         path = self._path(entry.file)
         try:
-            f = path.open("rb")
+            # Unbuffered: after the header checks the descriptor sits at the
+            # body, and the body is sent from it by sendfile(2), not read here.
+            f = path.open("rb", buffering=0)
         except FileNotFoundError:
             self.remove(entry, "file missing")
             return None
@@ -351,10 +459,13 @@ class Store:
             "SELECT kind, host, target, expr FROM invalidations WHERE seq > ?", (fill.start_seq,)
         ).fetchall()
         key = fill.key
+        tags = set(surrogate_keys(fill.stored.header("surrogate-key")) or ())
         for kind, host, target, expr in rows:
             if kind == "url" and (host is None or host == key.host) and target == key.target:
                 return True
             if kind == "ban" and _ban_matches(expr, key, fill.stored):
+                return True
+            if kind == "tag" and tags.intersection(expr.split()):
                 return True
         return False
 
@@ -384,6 +495,7 @@ class Store:
                     removed.append(file)
                     db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
                 removed.extend(self._evict_in(db, disk_size))
+                _add(db, {"evictions": len(removed) - (1 if old else 0)})  # the replaced entry is no eviction
                 os.rename(fill.temp, final)
                 now = time.time()
                 db.execute(
@@ -403,6 +515,10 @@ class Store:
                         now,
                         now,
                     ),
+                )
+                db.executemany(
+                    "INSERT OR IGNORE INTO tags VALUES (?, ?)",
+                    [(tag, fill.id) for tag in surrogate_keys(fill.stored.header("surrogate-key")) or ()],
                 )
                 db.execute("COMMIT")
             except BaseException:
@@ -442,6 +558,7 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             removed = self._evict_in(db, incoming)
+            _add(db, {"evictions": len(removed)})
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -473,9 +590,10 @@ class Store:
             db.execute("DELETE FROM invalidations WHERE seq <= ?", (old,))
             db.execute("UPDATE state SET value = MAX(value, ?) WHERE name = 'pruned_upto'", (old,))
 
-    def invalidate(self, host: str | None, target: str) -> int:
+    def invalidate(self, host: str | None, target: str, purge: bool = False) -> int:
         """Remove every variant of ``target`` (on ``host``, or on every host
-        when None), in both schemes; fills in flight for it will not publish."""
+        when None), in both schemes; fills in flight for it will not publish.
+        ``purge``: a purge message (counted)."""
         db = self.db
         host = host.lower() if host is not None else None
         db.execute("BEGIN IMMEDIATE")
@@ -488,6 +606,7 @@ class Store:
                 ).fetchall()
             db.executemany("DELETE FROM entries WHERE id = ?", [(r[0],) for r in rows])
             self._record(db, "url", host, target, None)
+            _add(db, {"purges": int(purge)})
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -505,6 +624,7 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             self._record(db, "ban", None, None, str(expr))
+            _add(db, {"bans": 1})
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -526,6 +646,28 @@ class Store:
                 raise
         self._unlink([file for _, file in matched])
         return len(matched)
+
+    def purge_tags(self, tags: list[str]) -> int:
+        """Remove every object tagged (``Surrogate-Key``) with any of ``tags``,
+        in one transaction: at the commit no worker finds them any more; fills
+        in flight carrying one of them will not publish."""
+        db = self.db
+        unique = list(dict.fromkeys(tags))
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows: set[tuple[str, str]] = set()
+            for start in range(0, len(unique), 500):
+                batch = unique[start : start + 500]
+                rows.update(db.execute(TAGGED_SQL.format(",".join("?" * len(batch))), batch).fetchall())
+            db.executemany("DELETE FROM entries WHERE id = ? AND file = ?", sorted(rows))
+            self._record(db, "tag", None, None, " ".join(unique))
+            _add(db, {"purges": 1})
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._unlink([file for _, file in rows])
+        return len(rows)
 
     def close(self) -> None:
         if self._db is not None:

@@ -9,6 +9,7 @@ failure is a non-zero exit with the reason on stderr (stdout is ignored).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -297,7 +298,13 @@ def _cache_store(settings: Settings) -> cache_store.Store | None:
     cache is enabled now: entries on disk may be served after the next start)."""
     if not cache_store.index_path(settings.cache_dir).is_file():
         return None
-    return cache_store.Store(settings.cache_dir, cache_config.TABLE.defaults())
+    store = cache_store.Store(settings.cache_dir, cache_config.TABLE.defaults())
+    try:
+        store.ensure_schema()  # an index from an older version (the proxy not restarted since)
+    except sqlite3.Error as exc:
+        store.close()
+        raise HookError(f"cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
+    return store
 
 
 def purge(settings: Settings, url: str) -> None:
@@ -319,7 +326,7 @@ def purge(settings: Settings, url: str) -> None:
     if store is None:
         return
     try:
-        count = store.invalidate(host, "/" + target if slash else "/")
+        count = store.invalidate(host, "/" + target if slash else "/", purge=True)
     except sqlite3.Error as exc:
         raise HookError(f"purge: cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
     finally:
@@ -347,14 +354,48 @@ def ban(settings: Settings, text: str) -> None:
     print(f"banned {count} entries")
 
 
+def purge_key(settings: Settings, tags: list[str]) -> None:
+    """Remove every stored object whose ``Surrogate-Key`` names one of ``tags``;
+    returns once no worker can serve them."""
+    store = _cache_store(settings)
+    if store is None:
+        return
+    try:
+        count = store.purge_tags(tags)
+    except sqlite3.Error as exc:
+        raise HookError(f"purge-key: cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
+    finally:
+        store.close()
+    print(f"purged {count} entries")
+
+
+def cache_stats(settings: Settings) -> None:
+    """The cache's counters and gauges as one JSON object on stdout (zeros
+    when there is no cache index); works whether the proxy runs or not."""
+    try:
+        stats = cache_store.read_stats(settings.cache_dir)
+    except sqlite3.Error as exc:
+        raise HookError(f"cache-stats: cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
+    print(json.dumps(stats, sort_keys=True))
+
+
 def message(settings: Settings, name: str, args: list[str]) -> None:
     """``messagehandler.sh NAME ARGS``: ``updateenvironment`` and ``reload`` do
     what update.sh does; ``reopen-logs`` has the master and its workers reopen
     their log files (SIGUSR1; nothing to do when logging to stdout or when no
     proxy runs); ``purge URL`` and ``ban EXPR`` remove cached objects (nothing
-    to do when there is no cache); ``metrics`` prints the metrics as a scrape
-    gets them (nothing when metrics are off or no proxy has run)."""
-    if name in ("purge", "ban"):
+    to do when there is no cache); ``purge-key TAG...`` removes the objects
+    tagged with any of the tags; ``cache-stats`` prints the cache's counters;
+    ``metrics`` prints the metrics as a scrape gets them (nothing when
+    metrics are off or no proxy has run)."""
+    if name == "purge-key":
+        tags = " ".join(args).split()
+        if not tags:
+            raise HookError("purge-key: missing surrogate key")
+        purge_key(settings, tags)
+    elif name == "cache-stats":
+        cache_stats(settings)
+    elif name in ("purge", "ban"):
         if not args or not " ".join(args).strip():
             raise HookError(f"{name}: missing argument")
         (purge if name == "purge" else ban)(settings, " ".join(args).strip())

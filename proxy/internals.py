@@ -177,9 +177,12 @@ PIECES: tuple[Piece, ...] = (
     Piece("gunicorn", "gunicorn.http.wsgi", "Response.send_headers", Method(1), "head held back"),
     Piece("gunicorn", "gunicorn.http.wsgi", "Response.should_close", Method(1), "Connection: close"),
     Piece("gunicorn", "gunicorn.http.wsgi", "Response.close", Method(1), "a held-back head is sent"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response.sendfile", Method(2), "cache hits by sendfile(2)"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response.write_file", Method(2), "calls sendfile, else iterates"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "Response.can_sendfile", Method(1), "the sendfile setting"),
     *(
         Piece("gunicorn", "gunicorn.http.wsgi", f"Response.{name}", InstanceAttribute(), "read by the proxy response")
-        for name in ("req", "sock", "version", "status", "chunked", "must_close", "headers", "headers_sent")
+        for name in ("req", "sock", "version", "status", "chunked", "must_close", "headers", "headers_sent", "sent")
     ),
     Piece("gunicorn", "gunicorn.http.wsgi", "Response.response_length", InstanceAttribute(), "head held back"),
     Piece("gunicorn", "gunicorn.http.wsgi", "Response.upgrade", InstanceAttribute(), "Connection: upgrade"),

@@ -38,6 +38,7 @@ from . import balance, capture, internals
 from .access import record_rejected
 from .headers import kept_response_fields, request_fields
 from .logs import access_logged, error_log, log_files_moved, serving
+from .sendfile import FileRegion, send_region
 from .sockets import BLOCK_SIZE, send_all
 
 __all__ = ["FAIR_YIELD_S", "SHUTDOWN_IDLE_GRACE", "BalancedServer", "ProxyResponse", "ProxyWorker", "log_rejected"]
@@ -126,6 +127,25 @@ class ProxyResponse(internals.GunicornResponse):
             self._head = None
             data = head + data
         send_all(self.sock, data)
+
+    def sendfile(self, respiter) -> bool:
+        """A stored body (``proxy.sendfile.FileRegion`` in the WSGI file
+        wrapper) goes by sendfile(2), the held-back head corked ahead of it;
+        False (anything else, or sendfile off): Gunicorn iterates the wrapper."""
+        region = getattr(respiter, "filelike", None)
+        if (
+            not isinstance(region, FileRegion)
+            or not self.can_sendfile()
+            or self.chunked
+            or self.req.method == "HEAD"
+            or self.response_length != region.length
+        ):
+            return False
+        self.send_headers()
+        head, self._head = self._head, None
+        send_region(self.sock, head or b"", region)
+        self.sent += region.length
+        return True
 
     def close(self) -> None:
         self.send_headers()

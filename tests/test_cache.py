@@ -453,3 +453,217 @@ def test_ban_across_workers(cached, origin):
         response.read()
         assert statuses(response)[0].startswith(expected)
         conn.close()
+
+
+# -- ranges (issue 16) ----------------------------------------------------------------------
+
+
+def multipart_parts(response, body: bytes) -> list[tuple[str, bytes]]:
+    """(Content-Range, bytes) of each part of a multipart/byteranges body."""
+    import email.parser
+    import email.policy
+
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + response.getheader("Content-Type").encode() + b"\r\n\r\n" + body
+    )
+    return [(part["Content-Range"], part.get_payload(decode=True)) for part in message.iter_parts()]
+
+
+def test_ranges_from_a_stored_entry_are_byte_exact(cached, origin):
+    size = 300000
+    modified = email.utils.formatdate(time.time() - 3600, usegmt=True)
+    date = email.utils.formatdate(time.time(), usegmt=True)
+    path = cache_url(
+        "ranges",
+        "Cache-Control:max-age=300",
+        "Content-Type:application/x-test",
+        f"Last-Modified:{modified}",
+        f"Date:{date}",
+        size=str(size),
+        etag='"r1"',
+    )
+    whole = pattern_bytes(size)
+    # A Range miss is forwarded as it is; this origin ignores Range and
+    # sends the whole body (200), which is stored as the full entry it is.
+    response, body = get(cached, path, {"Range": "bytes=0-9"})
+    assert response.status == 200 and body == whole
+    assert origin.requests[-1].header("Range") == "bytes=0-9"
+
+    response, body = get(cached, path, {"Range": "bytes=1000-1999"})
+    assert response.status == 206 and body == whole[1000:2000]
+    assert response.getheader("Content-Range") == f"bytes 1000-1999/{size}"
+    assert response.getheader("Content-Length") == "1000"
+    assert statuses(response)[0].startswith("edge-proxy; hit")
+
+    response, body = get(cached, path, {"Range": "bytes=-500"})
+    assert (response.status, body) == (206, whole[-500:])
+    assert response.getheader("Content-Range") == f"bytes {size - 500}-{size - 1}/{size}"
+
+    response, body = get(cached, path, {"Range": "bytes=299990-"})
+    assert (response.status, body) == (206, whole[299990:])
+
+    response, body = get(cached, path, {"Range": "bytes=200000-200099, 0-99"})
+    assert response.status == 206
+    assert response.getheader("Content-Type").startswith("multipart/byteranges; boundary=")
+    assert int(response.getheader("Content-Length")) == len(body)
+    assert multipart_parts(response, body) == [
+        (f"bytes 0-99/{size}", whole[:100]),
+        (f"bytes 200000-200099/{size}", whole[200000:200100]),
+    ]
+    assert all(p.count(b"Content-Type: application/x-test") for p in body.split(b"Content-Range")[:-1])
+
+    response, body = get(cached, path, {"Range": f"bytes={size}-"})
+    assert (response.status, body) == (416, b"")
+    assert response.getheader("Content-Range") == f"bytes */{size}"
+
+    response, body = get(cached, path, {"Range": "bytes=10-19", "If-Range": '"r1"'})
+    assert (response.status, body) == (206, whole[10:20])
+    response, body = get(cached, path, {"Range": "bytes=10-19", "If-Range": '"other"'})
+    assert (response.status, body) == (200, whole)  # the validator changed: the whole body
+    response, body = get(cached, path, {"Range": "bytes=10-19", "If-Range": modified})
+    assert (response.status, body) == (206, whole[10:20])
+    response, body = get(cached, path, {"Range": "bytes=10-19", "If-Range": date})
+    assert (response.status, body) == (200, whole)
+
+    response, body = get(cached, path, {"Range": "bytes=10-19"}, method="HEAD")  # Range is for GET only
+    assert response.status == 200 and response.getheader("Content-Length") == str(size)
+    assert origin.cache_count("/cache/ranges") == 1
+
+
+def test_a_206_from_next_hop_is_not_stored(cached, origin):
+    path = cache_url("partial", "Cache-Control:max-age=300", "Content-Range:bytes 0-9/100", status="206")
+    for _ in (1, 2):
+        response, _body = get(cached, path, {"Range": "bytes=0-9"})
+        assert response.status == 206
+        assert statuses(response) == ["edge-proxy; fwd=uri-miss; detail=status"]
+    assert origin.cache_count("/cache/partial") == 2
+
+
+# -- hits by sendfile(2) --------------------------------------------------------------------
+
+
+def written(pids: list[int]) -> int:
+    """Bytes these processes passed to write-type system calls (``wchar`` of
+    /proc/PID/io). sendfile(2) counts there; send(2) on a socket does not."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("wchar:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_a_hit_is_sent_with_sendfile(cached, origin):
+    """What this proves: the proxy writes to client sockets with send(2),
+    which /proc/PID/io does not count in ``wchar``; only sendfile(2) (or a
+    write to a file) does. A 2 MiB hit raising the workers' ``wchar`` by at
+    least 2 MiB, with nothing stored meanwhile, went out by sendfile."""
+    size = 2 * 1024 * 1024
+    path = cache_url("sendfile", "Cache-Control:max-age=300", size=str(size))
+    get(cached, path)
+    workers = cached.workers()
+    before = written(workers)
+    response, body = get(cached, path, {"X-Request-Id": "sendfile-hit"})
+    assert body == pattern_bytes(size) and statuses(response)[0].startswith("edge-proxy; hit")
+    record = record_of(cached, "sendfile-hit")
+    assert written(workers) - before >= size
+    assert record["response_body_bytes"] == size and record["outcome"] == "ok"
+    assert record["bytes"] > size
+    # A plain pass-through answer of the same size does not (the control).
+    before = written(workers)
+    _, body = get(cached, f"/bytes/{size}")
+    assert len(body) == size
+    assert written(workers) - before < size // 4
+
+
+# -- surrogate keys ----------------------------------------------------------------------------
+
+
+def test_surrogate_key_purge_across_workers(cached, origin):
+    paths = {
+        name: cache_url(f"skey-{name}", "Cache-Control:max-age=300", f"Surrogate-Key:{keys}")
+        for name, keys in (("a", "grp-1 grp-2"), ("b", "grp-2"), ("c", "grp-3"))
+    }
+    for path in paths.values():
+        response, _ = get(cached, path)
+        assert response.getheader("Surrogate-Key") is None
+        response, _ = get(cached, path)
+        assert statuses(response)[0].startswith("edge-proxy; hit")
+        assert response.getheader("Surrogate-Key") is None
+    unstored = cache_url("skey-unstored", "Surrogate-Key:grp-1")
+    assert get(cached, unstored)[0].getheader("Surrogate-Key") is None  # stripped, stored or not
+
+    def served(names: str) -> list[str]:
+        conns = [cached.connection(), cached.connection()]  # both workers, at once
+        out = []
+        for name in names:
+            for conn in conns:
+                conn.request("GET", paths[name])
+                response = conn.getresponse()
+                response.read()
+                out.append(statuses(response)[0].split(";")[1].strip())
+        for conn in conns:
+            conn.close()
+        return out
+
+    result = cached.hook("messagehandler", "purge-key", "grp-1")
+    assert (result.returncode, result.stdout.strip()) == (0, "purged 1 entries"), result.stderr
+    assert served("abc") == ["fwd=uri-miss", "hit", "hit", "hit", "hit", "hit"]
+    result = cached.hook("messagehandler", "purge-key", "grp-2 grp-9")
+    assert (result.returncode, result.stdout.strip()) == (0, "purged 2 entries"), result.stderr
+    assert served("bc")[0] == "fwd=uri-miss" and served("c") == ["hit", "hit"]
+    again = cached.hook("messagehandler", "purge-key", "grp-2", "grp-9")
+    assert (again.returncode, again.stdout.strip()) == (0, "purged 1 entries")  # b was stored again
+    assert cached.hook("messagehandler", "purge-key").returncode != 0
+
+
+def test_purge_key_and_cache_stats_without_a_cache(make_proxy, tmp_path):
+    proxy = make_proxy(env={"PROXY_CACHE_DIR": str(tmp_path / "none")}, start=False)
+    result = proxy.hook("messagehandler", "purge-key", "some-tag")
+    assert (result.returncode, result.stderr) == (0, "")
+    result = proxy.hook("messagehandler", "cache-stats")
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout).values()) == {0}
+    assert not (tmp_path / "none").exists()
+
+
+# -- counters -----------------------------------------------------------------------------------
+
+
+def test_cache_stats_count_known_traffic(make_proxy, tmp_path, origin):
+    proxy = make_cached(make_proxy, tmp_path)
+    stored = cache_url("stats", "Cache-Control:max-age=300", size="1000")
+    expired = cache_url("stats-expired", "Cache-Control:max-age=0", etag='"s1"')
+    get(proxy, stored)  # miss
+    get(proxy, stored)  # hit
+    get(proxy, stored, {"Range": "bytes=0-9"})  # hit
+    get(proxy, cache_url("stats-nostore"))  # miss, not stored
+    get(proxy, expired)  # miss
+    get(proxy, expired)  # revalidated (304)
+    get(proxy, "/plain", method="POST")  # not counted (method)
+    assert proxy.hook("messagehandler", "purge", "/nothing-here").returncode == 0
+
+    def stats() -> dict:
+        result = proxy.hook("messagehandler", "cache-stats")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    expected = {"hits": 2, "misses": 3, "revalidated": 1, "stale": 0, "collapsed": 0, "evictions": 0}
+    expected |= {"purges": 1, "bans": 0, "entries": 2}
+    wait_for(lambda: {k: v for k, v in stats().items() if k != "bytes_stored"} == expected, what=f"{expected}")
+    assert stats()["bytes_stored"] > 1000
+    proxy.stop()
+    assert stats()["hits"] == 2  # on disk, with no proxy running
+
+
+def test_lookup_and_tag_queries_use_indexes(cached):
+    """The lookup statement itself (and purge-key's) through an index, no table
+    scan: their cost does not grow with the number of entries or bans."""
+    from proxy.cache_store import LOOKUP_SQL, TAGGED_SQL
+
+    db = sqlite3.connect(Path(cached.env["PROXY_CACHE_DIR"]) / "index.sqlite3")
+    lookup = str(db.execute("EXPLAIN QUERY PLAN " + LOOKUP_SQL, ("h", "/", "http", 256)).fetchall())
+    tagged = str(db.execute("EXPLAIN QUERY PLAN " + TAGGED_SQL.format("?,?"), ("a", "b")).fetchall())
+    db.close()
+    assert "USING INDEX entries_url" in lookup and "SCAN" not in lookup, lookup
+    assert "SCAN" not in tagged and "USING" in tagged, tagged
