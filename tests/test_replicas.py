@@ -183,6 +183,13 @@ def test_cache_directory_lives_as_long_as_the_pod(make_proxy, origin):
     fresh = replica(make_proxy)
     assert get(fresh, url)[0].startswith("edge-proxy; fwd=uri-miss")
     assert fetches(origin, url) == 5
+    # A message that runs in the container while the proxy is stopped applies to its cache.
+    assert is_hit(get(fresh, url)[0])
+    fresh.stop()
+    assert [out for _, out, _ in fan_out([fresh], "purge", f"http://{HOST}{url}")] == ["purged 1 entries\n"]
+    fresh.start()
+    assert get(fresh, url)[0].startswith("edge-proxy; fwd=uri-miss")
+    assert fetches(origin, url) == 6
 
 
 # -- each hook twice, concurrently, during start-up --------------------------------------
