@@ -56,6 +56,7 @@ __all__ = [
     "Store",
     "TAGGED_SQL",
     "index_path",
+    "open_index",
     "prepare",
     "read_stats",
 ]
@@ -188,6 +189,21 @@ def prepare(directory: Path, config: CacheConfig, sweep: bool) -> None:
         raise CacheDirError(f"{exc.strerror or exc} ({exc.filename or directory})") from None
     except sqlite3.Error as exc:
         raise CacheDirError(f"index {index_path(directory)}: {exc}") from None
+
+
+def open_index(directory: Path, config: CacheConfig) -> Store | None:
+    """The hooks' handle on an existing index, None when there is none. Its
+    schema is completed first: a master creating it at start-up (or killed
+    while it did) leaves an index without every table, and no entries."""
+    if not index_path(directory).is_file():
+        return None
+    db = _connect(directory)
+    try:
+        db.executescript(_SCHEMA)
+    except BaseException:
+        db.close()
+        raise
+    return Store(directory, config, db)
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,10 +348,6 @@ class Store:
                 self._path(file).unlink()
             except FileNotFoundError:
                 pass
-
-    def ensure_schema(self) -> None:
-        """Create what an index made by an older version lacks (idempotent)."""
-        self.db.executescript(_SCHEMA)
 
     # -- counters --------------------------------------------------------------------
 
@@ -581,6 +593,13 @@ class Store:
         self, db: sqlite3.Connection, kind: str, host: str | None, target: str | None, expr: str | None
     ) -> None:
         now = time.time()
+        # The same invalidation again (a retried or fanned-out message, the
+        # same URL written to twice) replaces its record: a fill is checked
+        # against records issued since it began, and the new one is later.
+        db.execute(
+            "DELETE FROM invalidations WHERE kind = ? AND host IS ? AND target IS ? AND expr IS ?",
+            (kind, host, target, expr),
+        )
         db.execute(
             "INSERT INTO invalidations (at, kind, host, target, expr) VALUES (?, ?, ?, ?, ?)",
             (now, kind, host, target, expr),

@@ -9,6 +9,8 @@ failure is a non-zero exit with the reason on stderr (stdout is ignored).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import cache_config, cache_store, config
@@ -99,6 +102,68 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has a handler installed for ``sig`` (``SigCgt``)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def _booted(worker: int) -> bool:
+    """Whether a worker runs its own signal handlers yet. Until then it has
+    the master's, inherited through fork, which queue a SIGTERM where nothing
+    reads it: told to stop then, it would serve on with the old configuration
+    until the master's graceful timeout. Gunicorn's workers reset SIGHUP,
+    which the master catches: a worker still catching it has not got there."""
+    return _alive(worker) and not _catches(worker, signal.SIGHUP)
+
+
+def _started(settings: Settings, master: int, timeout: float) -> bool:
+    """Wait until ``master`` and its workers have their signal handlers;
+    False if the master exited first.
+
+    Gunicorn writes the pidfile before ``on_starting`` and installs the
+    master's handlers after it: a SIGHUP in between is SIGHUP's default
+    action, which kills the master. A SIGHUP taken before the first workers
+    are forked would be thought done as soon as they appear, although they
+    run what ``on_starting`` read, perhaps before this update. And a worker
+    forked a moment ago would miss the SIGTERM that retires it (``_booted``).
+    """
+    deadline = time.monotonic() + timeout
+    waiting = False
+    while True:
+        workers = {pid for pid in _workers(master) if _alive(pid)}
+        if _catches(master, signal.SIGHUP) and len(workers) >= settings.workers and all(map(_booted, workers)):
+            return True
+        if not _alive(master):
+            return False
+        if time.monotonic() > deadline:
+            raise HookError(f"proxy master {master} still starting {timeout:g}s later; not signalled")
+        if not waiting:
+            print(f"waiting for proxy master {master} and its workers to finish starting", flush=True)
+            waiting = True
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _one_reload_at_a_time(settings: Settings) -> Iterator[None]:
+    """Deliveries of the same update (retried, or from two processes) take
+    turns: the next SIGHUP waits for the workers of the previous one."""
+    path = settings.run_dir / "reload.lock"
+    try:
+        lock = path.open("a")
+    except OSError as exc:
+        raise HookError(f"cannot open {path}: {exc.strerror}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def reload(settings: Settings, timeout: float = NEW_WORKERS_TIMEOUT, drain_timeout: float | None = None) -> None:
     """SIGHUP the master; return once the new generation of workers runs and
     the old one has exited.
@@ -116,6 +181,14 @@ def reload(settings: Settings, timeout: float = NEW_WORKERS_TIMEOUT, drain_timeo
     master = running_master(settings)
     if master is None:
         print("proxy not running: the configuration will be read when it starts")
+        return
+    with _one_reload_at_a_time(settings):
+        _reload(settings, master, timeout, drain_timeout)
+
+
+def _reload(settings: Settings, master: int, timeout: float, drain_timeout: float) -> None:
+    if not _started(settings, master, timeout):
+        print(f"proxy master {master} exited while starting: the configuration will be read when it starts")
         return
     before = {pid for pid in _workers(master) if _alive(pid)}
     try:
@@ -296,15 +369,10 @@ def _pid_for_rotation(settings: Settings) -> int:
 def _cache_store(settings: Settings) -> cache_store.Store | None:
     """The cache's index if one exists (whether or not the proxy runs or the
     cache is enabled now: entries on disk may be served after the next start)."""
-    if not cache_store.index_path(settings.cache_dir).is_file():
-        return None
-    store = cache_store.Store(settings.cache_dir, cache_config.TABLE.defaults())
     try:
-        store.ensure_schema()  # an index from an older version (the proxy not restarted since)
+        return cache_store.open_index(settings.cache_dir, cache_config.TABLE.defaults())
     except sqlite3.Error as exc:
-        store.close()
         raise HookError(f"cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
-    return store
 
 
 def purge(settings: Settings, url: str) -> None:
