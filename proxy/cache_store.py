@@ -194,7 +194,8 @@ def prepare(directory: Path, config: CacheConfig, sweep: bool) -> None:
 def open_index(directory: Path, config: CacheConfig) -> Store | None:
     """The hooks' handle on an existing index, None when there is none. Its
     schema is completed first: a master creating it at start-up (or killed
-    while it did) leaves an index without every table, and no entries."""
+    while it did) leaves an index without every table, and no entries; an
+    index an older version made lacks the newer tables."""
     if not index_path(directory).is_file():
         return None
     db = _connect(directory)
