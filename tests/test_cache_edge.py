@@ -76,9 +76,30 @@ def edge(tmp_path_factory, origin):
     tmp = tmp_path_factory.mktemp("edge")
     proxy = Proxy(tmp, origin, env={"WEB_CONCURRENCY": "2", "PROXY_CACHE_DIR": str(tmp / "cache")}, config=EDGE)
     proxy.start()
-    wait_for(lambda: len(proxy.workers()) == 2, what="two workers")
+    both_workers_serving(proxy)
     yield proxy
     proxy.stop()
+
+
+def both_workers_serving(proxy: Proxy) -> None:
+    """Wait until each of the two workers has answered (a worker just booted
+    may not accept yet, and the tests need requests in both)."""
+    wait_for(lambda: len(proxy.workers()) == 2, what="two workers")
+    held = []
+
+    def two() -> bool:
+        request_id = f"warm-{len(held)}"
+        conn = send(proxy, "/warm", request_id)
+        conn.getresponse().read()
+        held.append(conn)  # held open: the next connection goes to a less busy worker
+        pids = {r["worker_pid"] for i, r in records(proxy).items() if i.startswith("warm-")}
+        return len(pids) == 2
+
+    try:
+        wait_for(two, what="both workers answering")
+    finally:
+        for conn in held:
+            conn.close()
 
 
 # -- collapsed misses ---------------------------------------------------------------------
