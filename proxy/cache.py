@@ -6,21 +6,33 @@ revalidate, or miss; the rules are in ``cache_policy``, the storage in
 ``cache_store``. A miss streams to the client while ``Fill`` writes the
 body to a temp file; the entry is published only once the body is known
 complete (length, framing, no next-hop error).
+
+Requests that must go to next-hop first claim the URL's fill row: one
+request per machine fetches, the others wait for its answer and follow its
+temp file (``cache_collapse``). A stale entry inside stale-while-revalidate
+is served and refreshed once, in a background greenlet holding the claim;
+inside stale-if-error it stands in for next-hop's failure.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
+import gevent
+
 from . import cache_policy as policy
 from . import ranges
-from .access import StartResponse
+from .access import AccessRecord, StartResponse
+from .cache_collapse import FollowBody, Watches, wait_for_head
 from .cache_config import CacheConfig
-from .cache_store import Entry, Fill, Key, Store
+from .cache_store import Claim, Entry, Fill, FillRow, Key, Store
 from .extension import WSGIApp
 from .headers import Header, is_upgrade, upstream_target
 from .sendfile import FileRegion
@@ -28,6 +40,8 @@ from .sockets import BLOCK_SIZE
 
 __all__ = ["CacheLayer"]
 
+
+log = logging.getLogger("proxy")
 
 _CONDITIONALS = ("HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_MATCH", "HTTP_IF_UNMODIFIED_SINCE")
 #: The counters (``cache_store.COUNTERS``) each access-line ``cache_status`` adds to.
@@ -37,7 +51,24 @@ _COUNTED: dict[str | None, tuple[str, ...]] = {
     "MISS": ("misses",),
     "EXPIRED": ("misses",),
     "REVALIDATED": ("revalidated",),
+    "COLLAPSED": ("collapsed",),
 }
+#: A fill's progress is written to its row at most this often.
+BEAT_S = 0.25
+#: Times a request re-does its lookup after a fill it waited for ended
+#: (stored, refreshed, or its row taken over) before going to next-hop itself.
+_ROUNDS = 3
+#: Not the client's: left out of a background revalidation's request.
+_CLIENT_ONLY = (
+    *_CONDITIONALS,
+    "HTTP_CACHE_CONTROL",
+    "HTTP_PRAGMA",
+    "HTTP_RANGE",
+    "HTTP_IF_RANGE",
+    "HTTP_X_REQUEST_ID",
+    "CONTENT_LENGTH",
+    "HTTP_TRANSFER_ENCODING",
+)
 
 
 def _environ_key(name: str) -> str:
@@ -74,6 +105,7 @@ class CacheLayer:
         self.app = app
         self.config = config
         self.store = store
+        self.watches = Watches()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         body = self._dispatch(environ, start_response)
@@ -82,7 +114,6 @@ class CacheLayer:
         return body
 
     def _dispatch(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        exchange = environ["proxy.exchange"]
         method = environ["REQUEST_METHOD"]
         target = upstream_target(environ["RAW_URI"])
         if is_upgrade(environ) or target.startswith(self.config.bypass_paths or "\0"):
@@ -96,6 +127,17 @@ class CacheLayer:
         if key is None:
             return self._pass(environ, start_response, "BYPASS", policy.cache_status(fwd="bypass", detail="key"))
         request = policy.request_control(environ.get("HTTP_CACHE_CONTROL"))
+        return self._serve(environ, start_response, key, request, _ROUNDS)
+
+    def _serve(
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        key: Key,
+        request: policy.RequestControl,
+        rounds: int,
+    ) -> Iterable[bytes]:
+        exchange = environ["proxy.exchange"]
         found = self.store.lookup(key, lambda name: environ.get(_environ_key(name)))
         entry, body = found.entry, None
         if entry is not None:
@@ -108,19 +150,135 @@ class CacheLayer:
             if verdict != "validate":
                 exchange.cache_status = "HIT" if verdict == "fresh" else "STALE"
                 self.store.touch(entry, now)
-                member = policy.cache_status(hit=True, ttl=entry.stored.ttl(now))
+                detail = None
+                if verdict == "stale-revalidate":
+                    detail = "stale-while-revalidate"
+                    self._refresh_in_background(environ, key)
+                member = policy.cache_status(hit=True, ttl=entry.stored.ttl(now), detail=detail)
                 return self._hit(environ, start_response, entry, body, member)
             if request.only_if_cached:
                 body.close()
                 return self._only_if_cached(environ, start_response)
-            if entry.stored.validators:
-                return self._revalidate(environ, start_response, key, entry, body, request)
-            body.close()
-            fwd = "request" if request.no_cache else "stale"
-            return self._miss(environ, start_response, key, request, fwd, "EXPIRED")
-        if request.only_if_cached:
+        elif request.only_if_cached:
             return self._only_if_cached(environ, start_response)
-        return self._miss(environ, start_response, key, request, found.miss or "uri-miss", "MISS")
+        claim = None
+        if self._collapsible(environ, request) and rounds > 0:
+            claim = self.store.claim(key, self.config.lock_timeout)
+            if not claim.leader:
+                assert claim.current is not None
+                followed = self._wait(environ, start_response, key, claim.current)
+                if isinstance(followed, _Again):
+                    if body is not None:
+                        body.close()
+                    return self._serve(environ, start_response, key, request, rounds - 1)
+                if followed is not None:
+                    if body is not None:
+                        body.close()
+                    return followed
+                claim = None
+        try:
+            if entry is not None and body is not None:
+                if entry.stored.validators:
+                    return self._revalidate(environ, start_response, key, entry, body, request, claim)
+                fwd = "request" if request.no_cache else "stale"
+                return self._miss(environ, start_response, key, request, fwd, "EXPIRED", claim, (entry, body))
+            return self._miss(environ, start_response, key, request, found.miss or "uri-miss", "MISS", claim)
+        except BaseException:
+            if claim is not None:
+                claim.end("released")
+            raise
+
+    # -- collapsed misses -----------------------------------------------------------
+
+    @staticmethod
+    def _collapsible(environ: dict[str, Any], request: policy.RequestControl) -> bool:
+        """GETs that may share one fill: not those that must reach next-hop
+        themselves (no-cache) or whose answer is not stored (no-store)."""
+        return environ["REQUEST_METHOD"] == "GET" and not request.no_cache and not request.no_store
+
+    def _wait(
+        self, environ: dict[str, Any], start_response: StartResponse, key: Key, row: FillRow
+    ) -> Iterable[bytes] | _Again | None:
+        """Be fed from the fill in flight: its body as it grows, ``_AGAIN``
+        (look up again: it ended, stored or refreshed), or None (go to
+        next-hop: it stalled, stores nothing, or is another variant)."""
+        if row.state == "pending":
+            waited = wait_for_head(self.store, self.watches, key.url, row.token, self.config.lock_timeout)
+            if waited is None:
+                return None
+            if waited.token != row.token:
+                return _AGAIN
+            row = waited
+        if row.state != "streaming":
+            return _AGAIN if row.state in ("done", "refreshed") else None
+        assert row.vary is not None and row.meta is not None and row.temp is not None and row.body_offset is not None
+        selected = policy.variant(json.loads(row.vary), lambda name: environ.get(_environ_key(name)))
+        if selected != row.variant:
+            return None
+        try:
+            file: BinaryIO = (self.store.directory / "tmp" / row.temp).open("rb")
+        except FileNotFoundError:
+            return _AGAIN  # published (or abandoned) meanwhile
+        file.seek(row.body_offset)
+        stored = policy.Stored.from_json(row.meta)
+        now = time.time()
+        environ["proxy.exchange"].cache_status = "COLLAPSED"
+        conditional = policy.not_modified(
+            stored, environ.get("HTTP_IF_NONE_MATCH"), environ.get("HTTP_IF_MODIFIED_SINCE")
+        )
+        headers = policy.sent_headers(stored, now, row.length or 0, conditional)
+        if row.length is None:
+            headers = [(n, v) for n, v in headers if n != "Content-Length"]
+        headers.append(("Cache-Status", policy.cache_status(hit=True, ttl=stored.ttl(now), detail="collapsed")))
+        if conditional:
+            file.close()
+            start_response("304 Not Modified", headers)
+            return []
+        start_response(f"{stored.status} {stored.reason}", headers)
+        return FollowBody(file, row.length, row.pid, self.watches, row.temp, environ)
+
+    # -- stale-while-revalidate ----------------------------------------------------------
+
+    def _refresh_in_background(self, environ: dict[str, Any], key: Key) -> None:
+        """Refresh a stale entry once for the machine: only the request that
+        claims the URL's fill starts it; the others are served stale meanwhile."""
+        try:
+            claim = self.store.claim(key, self.config.lock_timeout)
+        except Exception as exc:  # the stale answer goes on
+            self.store.trouble.report("index", "cache: index unusable, no background revalidation: %s", exc)
+            return
+        if not claim.leader:
+            return
+        background = {k: v for k, v in environ.items() if k not in _CLIENT_ONLY}
+        background["wsgi.input"] = io.BytesIO()
+        background["gunicorn.socket"] = _NoClient()
+        background["proxy.exchange"] = AccessRecord(background)
+        gevent.spawn(self._refresh, background, key, claim)
+
+    def _refresh(self, environ: dict[str, Any], key: Key, claim: Claim) -> None:
+        request = policy.RequestControl()
+        try:
+            found = self.store.lookup(key, lambda name: environ.get(_environ_key(name)))
+            entry = found.entry
+            if entry is not None and policy.usable(entry.stored, request, time.time()) == "fresh":
+                claim.end("refreshed")  # another refresh ended between our lookup and our claim
+                return
+            file = self.store.open(entry) if entry is not None else None
+            if entry is not None and file is not None and entry.stored.validators:
+                body = self._revalidate(environ, _discard, key, entry, file, request, claim)
+            else:
+                if file is not None:
+                    file.close()
+                body = self._miss(environ, _discard, key, request, "stale", "EXPIRED", claim)
+            if environ["proxy.exchange"].cache_status == "REVALIDATED":
+                _close(body)  # refreshed by a 304: nobody to send the stored body to
+            else:
+                _drain(body)
+            log.info("cache: %s revalidated in the background (%s)", key.url, environ["proxy.exchange"].cache_status)
+        except Exception:
+            log.exception("cache: background revalidation of %s failed", key.url)
+        finally:
+            claim.end("released")  # no-op when the fill ended it
 
     # -- answers from the cache -----------------------------------------------------
 
@@ -243,6 +401,7 @@ class CacheLayer:
         entry: Entry,
         file: BinaryIO,
         request: policy.RequestControl,
+        claim: Claim | None,
     ) -> Iterable[bytes]:
         """Ask next-hop whether the stored entry is still good (a conditional GET)."""
         client = {name: environ.pop(name) for name in _CONDITIONALS if name in environ}
@@ -261,13 +420,18 @@ class CacheLayer:
             _drain(body)
             stored = entry.stored.refreshed(answer.headers, request_time, time.time())
             self.store.refresh(entry, stored)
+            if claim is not None:
+                claim.end("refreshed")
             exchange.cache_status = "REVALIDATED"
             refreshed = Entry(entry.id, key, entry.file, entry.body_size, stored, entry.used)
             upstream = [v for n, v in answer.headers if n.lower() == "cache-status"]
             member = policy.cache_status(fwd=fwd, fwd_status=304, ttl=stored.ttl(time.time()))
             return self._hit(environ, start_response, refreshed, file, member, upstream)
+        stale = self._stale_if_error(environ, start_response, entry, file, request, answer, body, fwd, claim)
+        if stale is not None:
+            return stale
         file.close()
-        return self._fill(environ, start_response, key, request, answer, body, fwd, "EXPIRED", request_time)
+        return self._fill(environ, start_response, key, request, answer, body, fwd, "EXPIRED", request_time, claim)
 
     def _miss(
         self,
@@ -277,11 +441,55 @@ class CacheLayer:
         request: policy.RequestControl,
         fwd: str,
         access: str,
+        claim: Claim | None,
+        stale: tuple[Entry, BinaryIO] | None = None,
     ) -> Iterable[bytes]:
         request_time = time.time()
         answer = _Answer()
-        body = self.app(environ, answer.start_response)
-        return self._fill(environ, start_response, key, request, answer, body, fwd, access, request_time)
+        try:
+            body = self.app(environ, answer.start_response)
+        except BaseException:
+            if stale is not None:
+                stale[1].close()
+            raise
+        if stale is not None:
+            entry, file = stale
+            served = self._stale_if_error(environ, start_response, entry, file, request, answer, body, fwd, claim)
+            if served is not None:
+                return served
+            file.close()
+        return self._fill(environ, start_response, key, request, answer, body, fwd, access, request_time, claim)
+
+    def _stale_if_error(
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        entry: Entry,
+        file: BinaryIO,
+        request: policy.RequestControl,
+        answer: _Answer,
+        body: Iterable[bytes],
+        fwd: str,
+        claim: Claim | None,
+    ) -> Iterable[bytes] | None:
+        """The stale entry in place of next-hop's failure or 5xx (the proxy's
+        own 502/504 included), when RFC 5861 stale-if-error allows it."""
+        now = time.time()
+        if answer.code < 500 or not policy.serves_stale_on_error(
+            entry.stored, request, now, self.config.stale_if_error
+        ):
+            return None
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+        if claim is not None:
+            claim.end("released")
+        exchange = environ["proxy.exchange"]
+        exchange.cache_status = "STALE"
+        exchange.outcome = "ok"
+        fwd_status = answer.code if exchange.upstream_status == answer.code else None
+        member = policy.cache_status(fwd=fwd, fwd_status=fwd_status, ttl=entry.stored.ttl(now), detail="stale-if-error")
+        return self._hit(environ, start_response, entry, file, member)
 
     def _fill(
         self,
@@ -294,6 +502,7 @@ class CacheLayer:
         fwd: str,
         access: str,
         request_time: float,
+        claim: Claim | None,
     ) -> Iterable[bytes]:
         """Send next-hop's answer on, storing it on the way when it qualifies."""
         exchange = environ["proxy.exchange"]
@@ -322,10 +531,15 @@ class CacheLayer:
         else:
             member = policy.cache_status(fwd=fwd, detail=reason)
         out.append(("Cache-Status", member))
+        if claim is not None:
+            if fill is None:
+                claim.end("released")  # waiters go to next-hop themselves
+            else:
+                claim.streaming(fill, length)
         start_response(answer.status, out)
         if fill is None:
             return body
-        return _FillBody(body, fill, length, exchange)
+        return _FillBody(body, fill, length, exchange, claim)
 
     def _not_storable(self, environ: dict[str, Any], answer: _Answer, request: policy.RequestControl) -> str | None:
         exchange = environ["proxy.exchange"]
@@ -338,15 +552,39 @@ class CacheLayer:
         )
 
 
+class _Again:
+    """``_wait``'s answer: look the URL up again."""
+
+
+_AGAIN = _Again()
+
+
+class _NoClient:
+    """The client socket of a background revalidation: there is none to cut."""
+
+    @staticmethod
+    def shutdown(how: int) -> None:
+        return None
+
+
+def _discard(status: str, headers: list[Header], exc_info: object = None) -> Callable[[bytes], None]:
+    """start_response of a background revalidation: nobody to answer."""
+    return _Answer._write
+
+
 def _drain(body: Iterable[bytes]) -> None:
     """Read and drop a body (a 304 has none), then release it."""
     try:
         for _ in body:
             pass
     finally:
-        close = getattr(body, "close", None)
-        if close is not None:
-            close()
+        _close(body)
+
+
+def _close(body: Iterable[bytes]) -> None:
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
 
 
 def _file_body(environ: dict[str, Any], file: BinaryIO, skip: int, length: int) -> Iterable[bytes]:
@@ -385,19 +623,24 @@ class _FillBody:
     last block goes out, so the entry is visible once the client has it), or
     the upstream body ended without error."""
 
-    __slots__ = ("_body", "_fill", "_length", "_exchange")
+    __slots__ = ("_body", "_fill", "_length", "_exchange", "_claim")
 
-    def __init__(self, body: Iterable[bytes], fill: Fill, length: int | None, exchange: Any) -> None:
+    def __init__(
+        self, body: Iterable[bytes], fill: Fill, length: int | None, exchange: Any, claim: Claim | None
+    ) -> None:
         self._body = body
         self._fill = fill
         self._length = length
         self._exchange = exchange
+        self._claim = claim
 
     def __iter__(self) -> Iterator[bytes]:
-        fill, length, exchange = self._fill, self._length, self._exchange
+        fill, length, exchange, claim = self._fill, self._length, self._exchange, self._claim
         for block in self._body:
             if fill.active:
                 fill.write(block)
+                if claim is not None:
+                    claim.beat(BEAT_S)
                 if length is not None and fill.written >= length:
                     if fill.written == length and exchange.outcome == "ok":
                         fill.finish()
@@ -417,3 +660,5 @@ class _FillBody:
                 close()
         finally:
             self._fill.abandon()
+            if self._claim is not None:
+                self._claim.end("done")

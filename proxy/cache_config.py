@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .setting import Boolean, Bytes, Integer, Setting, Strings, Table
+from .setting import Boolean, Bytes, Integer, Seconds, Setting, Strings, Table
 
 __all__ = ["TABLE", "CacheConfig"]
 
@@ -25,6 +25,8 @@ class CacheConfig:
     max_object_size: int
     max_variants: int
     bypass_paths: tuple[str, ...]
+    lock_timeout: float
+    stale_if_error: float
 
 
 def _sizes(config: CacheConfig) -> Iterator[tuple[str, str]]:
@@ -71,6 +73,23 @@ TABLE = Table(
             (),
             "Requests whose path starts with one of these are never looked up nor stored (plain string "
             "prefixes of the raw request path, case-sensitive).",
+        ),
+        Setting(
+            "lock_timeout",
+            Seconds(0.5, 3600),
+            5.0,
+            "Longest a request for a URL being fetched by another request (in any worker) waits for that fill "
+            "to make progress (its answer's head, then body bytes) before going to next-hop itself.",
+            summary="cache: waiting on another request's fill",
+        ),
+        Setting(
+            "stale_if_error",
+            Seconds(0, 2**31, whole=True),
+            0,
+            "Default `stale-if-error` window (RFC 5861) for stored responses that name none: seconds past "
+            "expiry during which a stale entry is served when next-hop refuses, times out or answers 5xx. "
+            "0: only responses that say `stale-if-error` get one.",
+            summary="cache: default stale-if-error window",
         ),
     ),
     doc="The shared HTTP cache (RFC 9111): see [cache.md](cache.md) for what is stored and for how long.",

@@ -40,6 +40,7 @@ __all__ = [
     "not_storable",
     "refreshed_headers",
     "request_control",
+    "serves_stale_on_error",
     "response_control",
     "sent_headers",
     "stored_headers",
@@ -165,6 +166,9 @@ class ResponseControl:
     max_age: float | None = None
     #: The directives came from ``CDN-Cache-Control`` (RFC 9213).
     from_cdn: bool = False
+    #: RFC 5861 windows, seconds past expiry; None when the response names none.
+    stale_while_revalidate: float | None = None
+    stale_if_error: float | None = None
 
 
 def response_control(headers: Iterable[Header]) -> ResponseControl:
@@ -185,6 +189,8 @@ def response_control(headers: Iterable[Header]) -> ResponseControl:
         s_maxage=s_maxage,
         max_age=_seconds(d.get("max-age")),
         from_cdn=cdn is not None,
+        stale_while_revalidate=_seconds(d.get("stale-while-revalidate")),
+        stale_if_error=_seconds(d.get("stale-if-error")),
     )
 
 
@@ -288,6 +294,8 @@ class Stored:
     lifetime: float
     no_cache: bool
     must_revalidate: bool
+    stale_while_revalidate: float | None = None
+    stale_if_error: float | None = None
 
     @classmethod
     def make(cls, status: int, reason: str, headers: list[Header], request_time: float, response_time: float) -> Stored:
@@ -301,6 +309,8 @@ class Stored:
             lifetime=freshness_lifetime(control, headers) or 0.0,
             no_cache=control.no_cache,
             must_revalidate=control.must_revalidate,
+            stale_while_revalidate=control.stale_while_revalidate,
+            stale_if_error=control.stale_if_error,
         )
 
     def age(self, now: float) -> float:
@@ -341,6 +351,8 @@ class Stored:
                 self.lifetime,
                 self.no_cache,
                 self.must_revalidate,
+                self.stale_while_revalidate,
+                self.stale_if_error,
             ],
             separators=(",", ":"),
         )
@@ -348,7 +360,8 @@ class Stored:
     @classmethod
     def from_json(cls, text: str) -> Stored:
         data: list[Any] = json.loads(text)
-        status, reason, headers, response_time, initial, lifetime, no_cache, must_revalidate = data
+        status, reason, headers, response_time, initial, lifetime, no_cache, must_revalidate = data[:8]
+        swr, sie = (data[8:10] + [None, None])[:2]  # rows stored before RFC 5861 support have neither
         return cls(
             int(status),
             str(reason),
@@ -358,6 +371,8 @@ class Stored:
             float(lifetime),
             bool(no_cache),
             bool(must_revalidate),
+            None if swr is None else float(swr),
+            None if sie is None else float(sie),
         )
 
 
@@ -369,8 +384,10 @@ def refreshed_headers(stored: Iterable[Header], update: Iterable[Header]) -> tup
 
 
 def usable(stored: Stored, request: RequestControl, now: float) -> str:
-    """``fresh``, ``stale-ok`` (stale but the request allows it) or
-    ``validate`` (must go to next-hop first)."""
+    """``fresh``, ``stale-ok`` (stale but the request allows it),
+    ``stale-revalidate`` (stale inside the response's stale-while-revalidate
+    window: served, refreshed in the background) or ``validate`` (must go to
+    next-hop first)."""
     if request.no_cache or stored.no_cache:
         return "validate"
     age = stored.age(now)
@@ -383,7 +400,22 @@ def usable(stored: Stored, request: RequestControl, now: float) -> str:
         return "fresh"
     if request.max_stale is not None and not stored.must_revalidate and -left <= request.max_stale:
         return "stale-ok"
+    window = stored.stale_while_revalidate
+    if window is not None and not stored.must_revalidate and -left <= window:
+        return "stale-revalidate"  # RFC 5861 section 3; must-revalidate forbids it (RFC 9111 5.2.2.2)
     return "validate"
+
+
+def serves_stale_on_error(stored: Stored, request: RequestControl, now: float, default_window: float) -> bool:
+    """Whether this stale entry may stand in for next-hop's failure or 5xx
+    (RFC 5861 section 4): inside the response's ``stale-if-error`` window, or
+    the configured default when it names none; never when ``no-cache``
+    (request or response), ``must-revalidate``/``proxy-revalidate`` or
+    ``s-maxage`` forbid serving it stale."""
+    if request.no_cache or stored.no_cache or stored.must_revalidate:
+        return False
+    window = stored.stale_if_error if stored.stale_if_error is not None else default_window
+    return window > 0 and -stored.ttl(now) <= window
 
 
 def entity_tag_matches(condition: str, etag: str | None) -> bool:

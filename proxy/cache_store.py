@@ -49,8 +49,10 @@ __all__ = [
     "LOOKUP_SQL",
     "MAGIC",
     "CacheDirError",
+    "Claim",
     "Entry",
     "Fill",
+    "FillRow",
     "Key",
     "Lookup",
     "Store",
@@ -93,6 +95,14 @@ COUNTERS = ("hits", "misses", "revalidated", "stale", "collapsed", "evictions", 
 #: A worker adds the counts of its requests to the index this often (one
 #: short transaction), and when it exits: hits never take the write lock.
 COUNTS_FLUSH_S = 1.0
+#: Fill states: a fill in flight is ``pending`` (waiting for next-hop's head)
+#: or ``streaming`` (the temp file grows); ``refreshed`` (a 304 refreshed the
+#: entry), ``released`` (nothing will be stored) and ``done`` end it.
+ACTIVE_FILLS = ("pending", "streaming")
+#: Ended fill rows are kept this long for late readers, then deleted.
+_FILL_ROW_KEEP_S = 60.0
+#: Room in a temp file's header for the final body length and ``done`` flag.
+_HEAD_ROOM = 40
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -134,6 +144,20 @@ CREATE INDEX IF NOT EXISTS tags_entry ON tags (entry);
 CREATE TRIGGER IF NOT EXISTS entries_untagged AFTER DELETE ON entries
     BEGIN DELETE FROM tags WHERE entry = OLD.id; END;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fills (
+    url TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    beat REAL NOT NULL,
+    temp TEXT,
+    body_offset INTEGER,
+    vary TEXT,
+    variant TEXT,
+    meta TEXT,
+    length INTEGER
+);
+CREATE INDEX IF NOT EXISTS fills_beat ON fills (beat);
 """
 
 
@@ -547,6 +571,42 @@ class Store:
         self._unlink(removed)
         return True
 
+    # -- fills in flight (collapsed misses, background revalidation) -------------------
+
+    def claim(self, key: Key, stall_s: float) -> Claim:
+        """Become the one request of the machine fetching ``key`` from
+        next-hop, or learn which fill already is. A row whose owner process is
+        gone, or that made no progress for ``stall_s``, is taken over."""
+        db = self.db
+        url = key.url
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = _one(db, f"SELECT {FillRow.COLUMNS} FROM fills WHERE url = ?", (url,))
+            if row is not None:
+                current = FillRow(*row)
+                if current.state in ACTIVE_FILLS and now - current.beat < stall_s and pid_alive(current.pid):
+                    db.execute("COMMIT")
+                    return Claim(self, url, None, current)
+            token = secrets.token_hex(8)
+            db.execute(
+                "DELETE FROM fills WHERE beat < ? AND state NOT IN ('pending', 'streaming')", (now - _FILL_ROW_KEEP_S,)
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO fills (url, token, pid, state, beat) VALUES (?, ?, ?, 'pending', ?)",
+                (url, token, os.getpid(), now),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return Claim(self, url, token, None)
+
+    def fill_row(self, url: str) -> FillRow | None:
+        row = _one(self.db, f"SELECT {FillRow.COLUMNS} FROM fills WHERE url = ?", (url,))
+        return FillRow(*row) if row is not None else None
+
     # -- size ------------------------------------------------------------------------
 
     def _evict_in(self, db: sqlite3.Connection, incoming: int) -> list[str]:
@@ -735,14 +795,19 @@ class Fill:
             {"id": self.id, "url": self.key.url, "body": 0, "created": time.time()}, separators=(",", ":")
         ).encode()
         try:
-            self._f = self.temp.open("xb")
-            self._f.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(head) + 20))
-            self._f.write(head + b" " * 20)  # room for the body length, written at the end
+            # Unbuffered: readers of a collapsed miss follow the file as it grows.
+            self._f = self.temp.open("xb", buffering=0)
+            _write_all(self._f, _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(head) + _HEAD_ROOM))
+            _write_all(self._f, head + b" " * _HEAD_ROOM)  # room for the body length, written at the end
         except OSError as exc:
             self._fail(exc)
             return False
-        self._head_size = _PREAMBLE.size + len(head) + 20
+        self._head_size = _PREAMBLE.size + len(head) + _HEAD_ROOM
         return True
+
+    @property
+    def body_offset(self) -> int:
+        return self._head_size
 
     def _fail(self, exc: OSError) -> None:
         kind = "full" if exc.errno in _FULL else "disk"
@@ -763,7 +828,7 @@ class Fill:
             self.abandon()
             return
         try:
-            f.write(data)
+            _write_all(f, data)
         except OSError as exc:
             self._fail(exc)
             return
@@ -775,16 +840,16 @@ class Fill:
         if f is None:
             return False
         head = json.dumps(
-            {"id": self.id, "url": self.key.url, "body": self.written, "created": time.time()},
+            {"id": self.id, "url": self.key.url, "body": self.written, "created": time.time(), "done": 1},
             separators=(",", ":"),
         ).encode()
         try:
             room = self._head_size - _PREAMBLE.size
             if len(head) > room:
                 raise OSError(errno.EOVERFLOW, "entry header grew past its room")
-            f.seek(0)
-            f.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, room))
-            f.write(head.ljust(room))
+            # One write at offset 0: a reader of the growing file sees the
+            # header either before or after, never half of it.
+            os.pwrite(f.fileno(), _PREAMBLE.pack(MAGIC, FORMAT_VERSION, room) + head.ljust(room), 0)
             f.close()
         except OSError as exc:
             self._fail(exc)
@@ -804,6 +869,103 @@ class Fill:
             except OSError:
                 pass
         self.temp.unlink(missing_ok=True)
+
+
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    """An unbuffered file's ``write`` may take part of the data."""
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if not n:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+
+
+def finished_length(fd: int) -> int | None:
+    """The body length of a temp file its fill finished (the header says
+    ``done``), else None: what a reader of a collapsed miss waits for."""
+    preamble = os.pread(fd, _PREAMBLE.size, 0)
+    if len(preamble) != _PREAMBLE.size:
+        return None
+    _, _, length = _PREAMBLE.unpack(preamble)
+    try:
+        head = json.loads(os.pread(fd, min(length, 65536), _PREAMBLE.size))
+    except ValueError:
+        return None
+    return int(head["body"]) if head.get("done") else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class FillRow:
+    """One row of ``fills``: who fetches a URL and, once next-hop answered,
+    what (the head, as a ``Stored``, and where the body grows)."""
+
+    COLUMNS = "token, pid, state, beat, temp, body_offset, vary, variant, meta, length"
+
+    token: str
+    pid: int
+    state: str
+    beat: float
+    temp: str | None
+    body_offset: int | None
+    vary: str | None
+    variant: str | None
+    meta: str | None
+    length: int | None
+
+
+class Claim:
+    """The result of ``Store.claim``: ``leader`` (this request fetches, and
+    must end the row with one of the methods below) or the fill in flight."""
+
+    def __init__(self, store: Store, url: str, token: str | None, current: FillRow | None) -> None:
+        self.store = store
+        self.url = url
+        self.token = token
+        self.current = current
+        self._beat = 0.0
+
+    @property
+    def leader(self) -> bool:
+        return self.token is not None
+
+    def _update(self, sql: str, args: tuple[object, ...]) -> None:
+        if self.token is None:
+            return
+        try:
+            self.store.db.execute(f"UPDATE fills SET {sql} WHERE url = ? AND token = ?", (*args, self.url, self.token))
+        except sqlite3.Error as exc:
+            self.store.trouble.report("index", "cache: index write failed: %s", exc)
+
+    def streaming(self, fill: Fill, length: int | None) -> None:
+        """Next-hop's answer is being stored: waiters may follow the temp file."""
+        self._beat = time.time()
+        self._update(
+            "state = 'streaming', beat = ?, temp = ?, body_offset = ?, vary = ?, variant = ?, meta = ?, length = ?",
+            (self._beat, fill.file, fill.body_offset, fill.vary, fill.variant, fill.stored.to_json(), length),
+        )
+
+    def beat(self, interval: float) -> None:
+        """The fill made progress (written at most every ``interval`` seconds)."""
+        now = time.time()
+        if now - self._beat >= interval:
+            self._beat = now
+            self._update("beat = ?", (now,))
+
+    def end(self, state: str) -> None:
+        """``done``, ``refreshed`` or ``released``; once only."""
+        self._update("state = ?, beat = ?", (state, time.time()))
+        self.token = None
 
 
 def iter_file(f: BinaryIO, length: int, block: int) -> Iterator[bytes]:

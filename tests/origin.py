@@ -145,6 +145,10 @@ class Origin:
     closed_events: list[int] = field(default_factory=list)
     #: Requests per ``/cache/...`` path (query excluded), for the caching tests.
     cache_counts: dict[str, int] = field(default_factory=dict)
+    #: ``/cache/...`` paths answering with this status (empty body) instead.
+    cache_errors: dict[str, int] = field(default_factory=dict)
+    #: Events ``hold=head|body`` answers wait for (see ``hold``).
+    holds: dict[str, threading.Event] = field(default_factory=dict)
 
     def start(self) -> Origin:
         self._listener = socket.create_server((self.host, 0), backlog=512)
@@ -329,16 +333,29 @@ class Origin:
         with self._lock:
             return self.cache_counts.get(path, 0)
 
+    def hold(self, path: str) -> threading.Event:
+        """The event ``hold=...`` answers for ``path`` wait for (set it to let them go)."""
+        with self._lock:
+            return self.holds.setdefault(path, threading.Event())
+
     def _cache_answer(self, conn: socket.socket, req: Received, send_head) -> bool:
         """``/cache/ANY?h=Name:Value&...``: answer with those headers. Other
         parameters: ``status=CODE``; ``size=N`` (N pattern bytes, else the body
         is ``PATH #COUNT``); ``chunked=1``; ``truncate=1`` (half the body, then
         close); ``etag=TAG`` (the ETag, and 304 to a matching If-None-Match);
-        ``vary_echo=NAME`` (the body names that request header's value)."""
+        ``vary_echo=NAME`` (the body names that request header's value);
+        ``age_first=N`` (``Age: N`` on the first answer only);
+        ``hold=head`` (wait for ``hold(path)`` before answering) or
+        ``hold=body`` (send the head and half the body, then wait). A path in
+        ``cache_errors`` answers that status instead."""
         path, _, query = req.target.partition("?")
         params = urllib.parse.parse_qsl(query, keep_blank_values=True)
         with self._lock:
             count = self.cache_counts[path] = self.cache_counts.get(path, 0) + 1
+            error = self.cache_errors.get(path)
+        if error is not None:
+            send_head(f"{error} Error", [("Content-Length", "0")])
+            return True
         headers = [tuple(v.split(":", 1)) for k, v in params if k == "h"]
         options = {k: v for k, v in params if k != "h"}
         etag = options.get("etag")
@@ -354,7 +371,12 @@ class Origin:
         else:
             body = f"{path} #{count}".encode()
         headers.append(("X-Count", str(count)))
+        if options.get("age_first") and count == 1:
+            headers.append(("Age", options["age_first"]))  # stored already stale; its refresh is not
         status = options.get("status", "200") + " Answer"
+        hold = options.get("hold")
+        if hold == "head":
+            self.hold(path).wait(60)  # the stimulus: a fill whose answer has not come yet
         if req.method == "HEAD":
             send_head(status, headers + [("Content-Length", str(len(body)))])
             return True
@@ -368,6 +390,13 @@ class Origin:
             conn.sendall(b"0\r\n\r\n")
             return True
         send_head(status, headers + [("Content-Length", str(len(body)))])
+        if hold == "body":
+            conn.sendall(body[: len(body) // 2])
+            self.hold(path).wait(60)  # the stimulus: a fill still streaming
+            if options.get("truncate"):
+                return False
+            conn.sendall(body[len(body) // 2 :])
+            return True
         if options.get("truncate"):
             conn.sendall(body[: len(body) // 2])
             time.sleep(0.1)

@@ -191,9 +191,9 @@ def parse(tmp_path):
 
 
 def test_cache_table_defaults_and_values(parse):
-    assert parse("") == TABLE.defaults() == CacheConfig(False, 1 << 30, 64 << 20, 16, ())
+    assert parse("") == TABLE.defaults() == CacheConfig(False, 1 << 30, 64 << 20, 16, (), 5.0, 0)
     config = parse('[cache]\nenabled = true\nmax_size = 2097152\nmax_object_size = 1024\nbypass_paths = ["/api"]\n')
-    assert config == CacheConfig(True, 2097152, 1024, 16, ("/api",))
+    assert config == CacheConfig(True, 2097152, 1024, 16, ("/api",), 5.0, 0)
 
 
 def test_cache_table_problems_name_key_line_and_reason(parse):
