@@ -32,11 +32,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .cache_config import CacheConfig
 from .cache_policy import Stored
 from .cache_policy import variant as select
+
+if TYPE_CHECKING:  # at run time proxy.ban (and re2) is imported only where a ban is checked
+    from .ban import BanSubject
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
@@ -533,7 +536,7 @@ class Store:
             self._db = None
 
 
-def _subject(key: Key, stored: Stored) -> object:
+def _subject(key: Key, stored: Stored) -> BanSubject:
     from . import ban as ban_module
 
     headers: dict[str, str] = {}
