@@ -26,7 +26,7 @@ import os
 import time
 import traceback
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -195,7 +195,7 @@ class LtsvAccessFormatter(logging.Formatter):
         return ltsv(record.msg)  # type: ignore[arg-type]
 
 
-class SharedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class SharedStreamHandler(logging.StreamHandler[TextIO]):
     """A handler for stdout or stderr, which every process of the proxy shares.
 
     A pipe keeps one write of at most PIPE_BUF (4096) bytes whole; a longer
