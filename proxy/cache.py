@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 from . import cache_policy as policy
-from .access import StartResponse
+from .access import AccessRecord, StartResponse
 from .cache_config import CacheConfig
 from .cache_store import Entry, Fill, Key, Store, iter_file
 from .extension import WSGIApp
@@ -333,7 +333,7 @@ class _FillBody:
 
     __slots__ = ("_body", "_fill", "_length", "_exchange")
 
-    def __init__(self, body: Iterable[bytes], fill: Fill, length: int | None, exchange: Any) -> None:
+    def __init__(self, body: Iterable[bytes], fill: Fill, length: int | None, exchange: AccessRecord) -> None:
         self._body = body
         self._fill = fill
         self._length = length

@@ -207,7 +207,7 @@ class SharedStreamHandler(logging.StreamHandler[TextIO]):
     Without a usable lock file, records are still written one call each.
     """
 
-    def __init__(self, stream: Any = None, lock_file: str | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, lock_file: str | None = None) -> None:
         super().__init__(stream)
         self.lock_file = lock_file
         self._lock_fd = -1
