@@ -17,9 +17,11 @@ run: $(VENV)/.installed
 # The log tests run Debian's logrotate, as the older platform does.
 LOGROTATE := command -v logrotate >/dev/null || (apt-get update -qq && apt-get install -y -qq logrotate >/dev/null)
 
+# ruff, and mypy --strict on proxy/ (its settings: pyproject.toml).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy
 
 test: lint
 	@$(LOGROTATE)

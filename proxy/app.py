@@ -30,6 +30,7 @@ from .cache_store import Store
 from .config import HEALTHZ_PATH, ProxyConfig
 from .extension import ExtensionError, WSGIApp, wrap
 from .headers import (
+    Header,
     InvalidHost,
     absolute_form_host,
     downstream_response_headers,
@@ -47,6 +48,8 @@ from .sendfile import FileRegion
 from .sockets import BLOCK_SIZE
 from .tunnel import ALREADY_HANDLED, tunnel
 from .upstream import Response, ResponseError, Upstream, UpstreamError
+
+__all__ = ["LINGER_SECONDS", "Proxy", "create_app", "respond"]
 
 _REASONS = {code: http.client.responses.get(code, "") for code in range(100, 600)}
 
@@ -85,7 +88,7 @@ class _Logged:
             exchange.log()
 
 
-def _logged_file(body: Any, exchange: AccessRecord) -> Any:
+def _logged_file(body: Any, exchange: AccessRecord) -> Iterable[bytes]:
     """A body from a file (the cache's hits, ``proxy.sendfile``), given back
     to the server as the WSGI file wrapper it is, so that it can go by
     sendfile(2); the access line is written on close with what was sent."""
@@ -101,7 +104,8 @@ def _logged_file(body: Any, exchange: AccessRecord) -> Any:
             exchange.log()
 
     body.close = close
-    return body
+    wrapped: Iterable[bytes] = body
+    return wrapped
 
 
 #: Longest time a connection closed after a 413 keeps discarding the body
@@ -148,7 +152,7 @@ def respond(
     start_response: StartResponse,
     status: int,
     body: bytes = b"",
-    headers: list | None = None,
+    headers: list[Header] | None = None,
     content_type: str = "text/plain; charset=utf-8",
     close: bool = False,
 ) -> list[bytes]:
@@ -164,7 +168,7 @@ def respond(
     return [body]
 
 
-def _client_ip(environ: dict):
+def _client_ip(environ: dict[str, Any]) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         ip = ipaddress.ip_address(environ.get("HTTP_TRUE_CLIENT_IP", "").strip())
     except ValueError:
@@ -193,7 +197,7 @@ class Proxy:
 
     # -- 1. the access record -------------------------------------------------
 
-    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         exchange = AccessRecord(environ)
         environ["proxy.exchange"] = exchange
         note_request_fields(environ, request_fields.get())
@@ -221,7 +225,7 @@ class Proxy:
 
     # -- 2. platform and user rules ---------------------------------------------
 
-    def route(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+    def route(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ["REQUEST_METHOD"] == "CONNECT":
             return respond(start_response, 405, headers=[("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
         if not forwardable_transfer_coding(environ.get("HTTP_TRANSFER_ENCODING")):
@@ -256,7 +260,7 @@ class Proxy:
             return self.too_large(environ, start_response)
         return self.user_app(environ, start_response)
 
-    def refused(self, environ: dict, start_response: StartResponse, exc: Exception) -> list[bytes]:
+    def refused(self, environ: dict[str, Any], start_response: StartResponse, exc: Exception) -> list[bytes]:
         """400 and close for a request no rule lets through; the reason goes
         to the access line (``error``), as for the requests Gunicorn refuses."""
         record: AccessRecord = environ["proxy.exchange"]
@@ -264,18 +268,18 @@ class Proxy:
         record.error = str(exc)
         return respond(start_response, 400, close=True)
 
-    def too_large(self, environ: dict, start_response: StartResponse) -> list[bytes]:
+    def too_large(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         """413 and close, without reading the rest of the body (see _LingeringClose)."""
         environ["proxy.linger"] = True
         return respond(start_response, 413, close=True)
 
-    def _broken_middleware(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+    def _broken_middleware(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         environ["proxy.exchange"].outcome = "error"
         return respond(start_response, 500)
 
     # -- 4. next-hop --------------------------------------------------------------
 
-    def forward(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+    def forward(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         exchange: AccessRecord = environ["proxy.exchange"]
         config = self.config
         upgrade = is_upgrade(environ)
@@ -299,7 +303,7 @@ class Proxy:
         exchange.first_byte_s = timing.first_byte_s
         return self.answer(environ, start_response, response)
 
-    def answer(self, environ: dict, start_response: StartResponse, response: Response) -> Iterable[bytes]:
+    def answer(self, environ: dict[str, Any], start_response: StartResponse, response: Response) -> Iterable[bytes]:
         """Relay next-hop's answer, or the configured error page in its
         place; after a 101 (only an upgrade request can get one), the tunnel."""
         exchange: AccessRecord = environ["proxy.exchange"]
@@ -318,7 +322,7 @@ class Proxy:
         start_response(f"{status} {head.reason or _REASONS.get(status, '')}", out)
         return _Relay(response, exchange, environ)
 
-    def body_failed(self, environ: dict, start_response: StartResponse, exc: Exception) -> list[bytes]:
+    def body_failed(self, environ: dict[str, Any], start_response: StartResponse, exc: Exception) -> list[bytes]:
         """The client's body could not be forwarded: 413 past the limit, else 400."""
         if isinstance(exc, BodyTooLarge):
             return self.too_large(environ, start_response)
@@ -333,7 +337,9 @@ class Proxy:
         )
         return respond(start_response, 400, close=True)
 
-    def upstream_failed(self, environ: dict, start_response: StartResponse, exc: UpstreamError) -> list[bytes]:
+    def upstream_failed(
+        self, environ: dict[str, Any], start_response: StartResponse, exc: UpstreamError
+    ) -> list[bytes]:
         exchange: AccessRecord = environ["proxy.exchange"]
         exchange.outcome = "upstream_error"
         exchange.upstream_end = time.perf_counter()
@@ -367,7 +373,7 @@ class _Relay:
 
     __slots__ = ("_response", "_exchange", "_environ")
 
-    def __init__(self, response: Response, exchange: AccessRecord, environ: dict) -> None:
+    def __init__(self, response: Response, exchange: AccessRecord, environ: dict[str, Any]) -> None:
         self._response = response
         self._exchange = exchange
         self._environ = environ

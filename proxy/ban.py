@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import re2  # type: ignore[import-untyped]
+import re2
 
 __all__ = [
     "MAX_CONDITIONS",

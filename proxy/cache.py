@@ -626,7 +626,7 @@ class _FillBody:
     __slots__ = ("_body", "_fill", "_length", "_exchange", "_claim")
 
     def __init__(
-        self, body: Iterable[bytes], fill: Fill, length: int | None, exchange: Any, claim: Claim | None
+        self, body: Iterable[bytes], fill: Fill, length: int | None, exchange: AccessRecord, claim: Claim | None
     ) -> None:
         self._body = body
         self._fill = fill

@@ -33,13 +33,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import gevent  # type: ignore[import-untyped]
+import gevent
 
 from .cache_config import CacheConfig
 from .cache_policy import Stored, surrogate_keys
 from .cache_policy import variant as select
+
+if TYPE_CHECKING:  # at run time proxy.ban (and re2) is imported only where a ban is checked
+    from .ban import BanSubject
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
@@ -755,7 +758,7 @@ class Store:
             self._db = None
 
 
-def _subject(key: Key, stored: Stored) -> object:
+def _subject(key: Key, stored: Stored) -> BanSubject:
     from . import ban as ban_module
 
     headers: dict[str, str] = {}

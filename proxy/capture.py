@@ -17,7 +17,6 @@ import os
 import sys
 import threading
 from types import TracebackType
-from typing import Any
 
 from . import internals
 from .logs import error_log
@@ -110,7 +109,7 @@ def _threading_excepthook(args: threading.ExceptHookArgs) -> None:
     _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback, f"uncaught exception in thread {thread}")
 
 
-def _unraisablehook(unraisable: Any) -> None:
+def _unraisablehook(unraisable: sys.UnraisableHookArgs) -> None:
     where = unraisable.err_msg or "exception ignored"
     if unraisable.object is not None:
         try:
@@ -120,7 +119,7 @@ def _unraisablehook(unraisable: Any) -> None:
     _log_uncaught(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback, where)
 
 
-def _log_hub_error(context: object, t: type[BaseException], v: BaseException | None, tb: Any) -> None:
+def _log_hub_error(context: object, t: type[BaseException], v: BaseException | None, tb: TracebackType | None) -> None:
     """A greenlet (or loop callback) failure gevent's hub would print: one
     error record with the traceback."""
     if context is not None and not isinstance(context, str):

@@ -18,6 +18,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+__all__ = ["ORIGIN_PORT", "DemoOrigin", "main"]
+
 ROOT = Path(__file__).resolve().parent.parent
 ORIGIN_PORT = 8081
 
@@ -50,7 +52,7 @@ class DemoOrigin(BaseHTTPRequestHandler):
 
     do_HEAD = do_GET
 
-    def log_message(self, format: str, *args) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

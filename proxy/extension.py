@@ -14,10 +14,15 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
+from .access import StartResponse
 from .logs import error_log
 
-WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+__all__ = ["ExtensionError", "WSGIApp", "check", "failed", "load_factory", "wrap"]
+
+#: A WSGI application, the proxy's or the user's middleware around it.
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 _500_BODY = b"Internal Server Error\n"
 _500_HEADERS = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(_500_BODY)))]
@@ -59,7 +64,7 @@ def load_factory(module_path: Path, factory: str) -> Callable[[WSGIApp], WSGIApp
     except BaseException as exc:  # a user's module may even call sys.exit()
         sys.modules.pop(name, None)
         raise ExtensionError(f"{module_path.name}: import failed: {_describe(exc, module_path)}") from exc
-    func = getattr(module, factory, None)
+    func: Callable[[WSGIApp], WSGIApp] | None = getattr(module, factory, None)
     if not callable(func):
         raise ExtensionError(f"{module_path.name}: no callable named {factory!r}")
     return func
@@ -77,7 +82,7 @@ def wrap(app: WSGIApp, module_path: Path, factory: str) -> WSGIApp:
         raise ExtensionError(f"{module_path.name}: {factory}(app) did not return a WSGI app (a callable)")
     label = f"{module_path.stem}:{factory}"
 
-    def guarded(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    def guarded(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         result = None
         try:
             result = user_app(environ, start_response)
@@ -106,7 +111,7 @@ def _already_handled() -> object | None:
     return getattr(sys.modules.get("gunicorn.workers.base_async"), "ALREADY_HANDLED", None)
 
 
-def failed(environ: dict, start_response: Callable, label: str) -> None:
+def failed(environ: dict[str, Any], start_response: StartResponse, label: str) -> None:
     """Log the middleware's exception with its traceback and start a 500
     (replacing any response the middleware may have started)."""
     exchange = environ.get("proxy.exchange")
@@ -161,7 +166,7 @@ def check(module_path: Path, factory: str) -> str | None:
     configuration makes validate.sh print nothing). Returns the reason it
     cannot be used, or None."""
 
-    def stand_in(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    def stand_in(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         start_response("204 No Content", [])
         return []
 

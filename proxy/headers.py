@@ -147,7 +147,8 @@ class InvalidHost(ValueError):
     """The request names no host it can be forwarded for (answered with 400)."""
 
 
-_AUTHORITY = re.compile(r"[^/?#]*")
+#: Where the authority of an absolute-form target ends (RFC 3986 section 3.2).
+_AUTHORITY_END = re.compile(r"[/?#]")
 
 
 def absolute_form_host(raw_uri: str, host: str | None) -> str | None:
@@ -165,7 +166,7 @@ def absolute_form_host(raw_uri: str, host: str | None) -> str | None:
     _, sep, rest = raw_uri.partition("://")
     if not sep:
         return None
-    authority = _AUTHORITY.match(rest)[0].rpartition("@")[2]  # type: ignore[index]
+    authority = _AUTHORITY_END.split(rest, maxsplit=1)[0].rpartition("@")[2]
     if host is not None and not host.strip(" \t"):
         raise InvalidHost(f"absolute-form target {raw_uri!r} with an empty Host field")
     if not authority or authority.startswith(":"):

@@ -26,6 +26,25 @@ from . import cache_config, cache_store, config
 from .metrics_server import snapshot
 from .settings import Settings, SettingsError, from_environ
 
+__all__ = [
+    "DRAIN_MARGIN",
+    "LOGROTATE_TEMPLATE",
+    "NEW_WORKERS_TIMEOUT",
+    "REOPEN_RESEND",
+    "REOPEN_TIMEOUT",
+    "HookError",
+    "ban",
+    "logrotate",
+    "main",
+    "message",
+    "purge",
+    "reload",
+    "reopen_logs",
+    "running_master",
+    "update",
+    "validate",
+]
+
 LOGROTATE_TEMPLATE = Path(__file__).with_name("logrotate.conf")
 
 #: Seconds update.sh waits for the master to fork the new workers.

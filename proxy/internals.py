@@ -291,6 +291,18 @@ class GunicornResponse(_wsgi.Response):  # type: ignore[misc]
     write of body bytes, framing included) instead of the private method
     Gunicorn calls, which is bound to it here, once, with no extra call."""
 
+    # Set by Gunicorn's ``__init__`` (declared in PIECES), typed for subclasses.
+    req: Any
+    sock: socket.socket
+    version: str
+    status: str | None
+    chunked: bool
+    must_close: bool
+    headers: list[tuple[str, str]]
+    headers_sent: bool
+    response_length: int | None
+    upgrade: bool
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "emit_body" in cls.__dict__:
@@ -365,7 +377,8 @@ def raw_socket(sock: socket.socket) -> socket.socket:
     the hub, and a ``shutdown`` on it wakes a greenlet waiting on the
     wrapper with a plain end-of-stream."""
     if isinstance(sock, gevent_socket.socket):
-        return sock._sock  # type: ignore[no-any-return]
+        raw: socket.socket = sock._sock
+        return raw
     return sock
 
 

@@ -26,7 +26,7 @@ import os
 import time
 import traceback
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -196,7 +196,7 @@ class LtsvAccessFormatter(logging.Formatter):
         return ltsv(record.msg)  # type: ignore[arg-type]
 
 
-class SharedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class SharedStreamHandler(logging.StreamHandler[TextIO]):
     """A handler for stdout or stderr, which every process of the proxy shares.
 
     A pipe keeps one write of at most PIPE_BUF (4096) bytes whole; a longer
@@ -208,7 +208,7 @@ class SharedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     Without a usable lock file, records are still written one call each.
     """
 
-    def __init__(self, stream: Any = None, lock_file: str | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, lock_file: str | None = None) -> None:
         super().__init__(stream)
         self.lock_file = lock_file
         self._lock_fd = -1

@@ -30,7 +30,7 @@ import shutil
 import time
 import tomllib
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -86,7 +86,7 @@ class Observed(Protocol):
     """What ``observe`` reads of a finished request (the access record)."""
 
     @property
-    def environ(self) -> dict[str, Any]: ...
+    def environ(self) -> Mapping[str, Any]: ...
     @property
     def status(self) -> int: ...
     @property

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeGuard, TypeVar
 
 __all__ = [
     "Boolean",
@@ -55,8 +55,11 @@ class Problems(Protocol):
 class Kind(Generic[T]):
     """How one option's values are written, checked and documented."""
 
-    #: The accepted values, as the documentation describes them.
-    text: str = ""
+    @property
+    def text(self) -> str:
+        """The accepted values, as the documentation describes them (a
+        class attribute in kinds whose text is fixed)."""
+        return ""
 
     def convert(self, value: object) -> T:
         """A TOML value to the typed value, or ``Invalid``."""
@@ -89,7 +92,7 @@ def toml_literal(value: object) -> str:
     return str(value)
 
 
-def _number(value: object) -> bool:
+def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -102,7 +105,7 @@ class Seconds(Kind[float]):
     whole: bool = False
 
     @property
-    def text(self) -> str:  # type: ignore[override]
+    def text(self) -> str:
         what = "whole number of seconds" if self.whole else "number of seconds"
         return f"{what}, {self.low:g} to {self.high:g}"
 
@@ -116,7 +119,7 @@ class Seconds(Kind[float]):
         if not _number(value):
             what = "a whole number" if self.whole else "a number"
             raise Invalid(f"must be {what} from {self.low:g} to {self.high:g}, got {value!r}")
-        return self._check(value, value)  # type: ignore[arg-type]
+        return self._check(value, value)
 
     def from_text(self, text: str) -> float:
         try:
@@ -134,7 +137,7 @@ class Integer(Kind[int]):
     high: int
 
     @property
-    def text(self) -> str:  # type: ignore[override]
+    def text(self) -> str:
         return f"whole number, {self.low} to {self.high}"
 
     def convert(self, value: object) -> int:
@@ -164,7 +167,7 @@ class Bytes(Kind[int]):
     high: int | None = None
 
     @property
-    def text(self) -> str:  # type: ignore[override]
+    def text(self) -> str:
         if self.high is None:
             return f"whole number of bytes, {self.low} or more"
         return f"whole number of bytes, {self.low} to {self.high}"
@@ -203,7 +206,7 @@ class OneOf(Kind[Any]):
     values: tuple[Any, ...]
 
     @property
-    def text(self) -> str:  # type: ignore[override]
+    def text(self) -> str:
         return self._alternatives(f"`{toml_literal(v)}`" for v in self.values)
 
     @staticmethod
@@ -228,7 +231,7 @@ class Strings(Kind[tuple[str, ...]]):
     accepts: Callable[[str], bool] = bool
 
     @property
-    def text(self) -> str:  # type: ignore[override]
+    def text(self) -> str:
         return f"list of {self.what}"
 
     def convert(self, value: object) -> tuple[str, ...]:

@@ -29,10 +29,10 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import gevent
-from gunicorn.workers.base_async import ALREADY_HANDLED
+from gunicorn.workers import base_async
 
 from . import internals, metrics
 from .headers import Header
@@ -41,6 +41,10 @@ from .sockets import BLOCK_SIZE
 from .upstream import Response
 
 __all__ = ["ALREADY_HANDLED", "TunnelRecord", "tunnel"]
+
+#: Gunicorn's marker for "the app wrote the response to the socket itself";
+#: only its identity counts.
+ALREADY_HANDLED: Final[object] = base_async.ALREADY_HANDLED
 
 #: Seconds the two halves of a closing tunnel get to stop.
 SPLICE_STOP_WAIT = 1.0

@@ -30,6 +30,8 @@ import email.utils
 import gc
 import socket
 import time
+from types import TracebackType
+from typing import Any, Protocol
 
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
@@ -128,7 +130,7 @@ class ProxyResponse(internals.GunicornResponse):
             data = head + data
         send_all(self.sock, data)
 
-    def sendfile(self, respiter) -> bool:
+    def sendfile(self, respiter: object) -> bool:
         """A stored body (``proxy.sendfile.FileRegion`` in the WSGI file
         wrapper) goes by sendfile(2), the held-back head corked ahead of it;
         False (anything else, or sendfile off): Gunicorn iterates the wrapper."""
@@ -189,11 +191,11 @@ class BalancedServer(internals.AcceptServer):
 
     # Counted as the connection is accepted and closed, not when its greenlet
     # runs: in a burst several accepts come before any handler starts.
-    def do_handle(self, *args) -> None:
+    def do_handle(self, *args: object) -> None:
         self.share.opened()
         super().do_handle(*args)
 
-    def do_close(self, *args) -> None:
+    def do_close(self, *args: object) -> None:
         self.share.closed()
         super().do_close(*args)
 
@@ -212,7 +214,9 @@ class _IdleWait:
         self._worker.idle[gevent.getcurrent()] = time.monotonic()
         self._timeout.start()
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
         self._worker.idle.pop(gevent.getcurrent(), None)
         self._timeout.cancel()
         return exc is self._timeout  # the keep-alive timeout: end the connection quietly
@@ -230,10 +234,10 @@ class _CountingSocket:
         self.sent = 0
         self.failed = False
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
-    def sendall(self, data, *args) -> None:
+    def sendall(self, data: bytes | bytearray | memoryview, *args: int) -> None:
         if not self.head:
             self.head = bytes(data[:1024])
         try:
@@ -244,13 +248,21 @@ class _CountingSocket:
         self.sent += len(data)
 
 
-def log_rejected(req, addr, exc: BaseException, sock: _CountingSocket, started: tuple[float, float]) -> None:
+def log_rejected(
+    req: object, addr: tuple[str, int] | None, exc: BaseException, sock: _CountingSocket, started: tuple[float, float]
+) -> None:
     """The access line of a request Gunicorn rejected before the app saw it."""
     record = record_rejected(req, (addr or ("",))[0], str(exc), sock.head, sock.sent, sock.failed, started)
     record.log()
 
 
-class ProxyWorker(GeventWorker):
+class _Request(Protocol):
+    """What the worker reads of a request Gunicorn parsed."""
+
+    headers: list[tuple[str, str]]
+
+
+class ProxyWorker(GeventWorker):  # type: ignore[misc]  # Gunicorn ships no types: its class is Any
     """Gunicorn's gevent worker, adapted for a reverse proxy (see module doc)."""
 
     def init_process(self) -> None:
@@ -285,7 +297,7 @@ class ProxyWorker(GeventWorker):
         wait = self.waits.get(gevent.getcurrent())
         return wait if wait is not None else _IdleWait(self)
 
-    def handle(self, listener, client, addr) -> None:
+    def handle(self, listener: socket.socket, client: socket.socket, addr: tuple[str, int]) -> None:
         current = gevent.getcurrent()
         self.clients[current] = client
         wait = self.waits[current] = _IdleWait(self)
@@ -297,21 +309,23 @@ class ProxyWorker(GeventWorker):
             self.waits.pop(current, None)
             self.idle.pop(current, None)
 
-    def handle_request(self, listener_name, req, sock, addr):
+    def handle_request(self, listener_name: str, req: _Request, sock: socket.socket, addr: tuple[str, int]) -> bool:
         gevent.sleep(FAIR_YIELD_S)
         access_logged.set(False)
         # The app gets the environ, whose repeated fields Gunicorn joined:
         # the field lines as they came go along (see proxy.headers).
         request_fields.set(req.headers)
         try:
-            handled = super().handle_request(listener_name, req, sock, addr)
+            handled: bool = super().handle_request(listener_name, req, sock, addr)
         finally:
             request_fields.set(None)
         # Not on an exception: handle_error must still see this request's line.
         access_logged.set(False)  # what fails next on this connection is a new request
         return handled
 
-    def handle_error(self, req, client, addr, exc) -> None:
+    def handle_error(
+        self, req: object | None, client: socket.socket, addr: tuple[str, int] | None, exc: BaseException
+    ) -> None:
         """Gunicorn answers what it cannot parse (400, 414, 431, 501...) itself,
         without calling the app: write those requests' access lines here."""
         if access_logged.get():  # the app logged this request already
