@@ -32,7 +32,7 @@ RUN --mount=type=bind,target=/context \
     fi; \
     /opt/venv/bin/pip uninstall --yes --quiet pip setuptools; \
     find /opt/venv/lib -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} +; \
-    /opt/venv/bin/python -c 'import gevent, greenlet, gunicorn, urllib3, pythonjsonlogger, zope.interface'
+    /opt/venv/bin/python -c 'import gevent, greenlet, gunicorn, urllib3, pythonjsonlogger, zope.interface, re2, prometheus_client'
 
 # -- runtime --------------------------------------------------------------------------
 FROM debian:bookworm-slim
@@ -56,11 +56,11 @@ RUN apt-get update \
     && groupadd --system --gid 10001 edgeproxy \
     && useradd --system --uid 10001 --gid edgeproxy --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin edgeproxy \
-    && mkdir -p /opt/proxy_config /opt/section /var/log/proxy /run/proxy \
-    && chown edgeproxy:edgeproxy /var/log/proxy /run/proxy
+    && mkdir -p /opt/proxy_config /opt/section /var/log/proxy /run/proxy /var/cache/proxy \
+    && chown edgeproxy:edgeproxy /var/log/proxy /run/proxy /var/cache/proxy
 
 COPY --from=build /opt/venv /opt/venv
-COPY gunicorn.conf.py /app/
+COPY gunicorn.conf.py pyproject.toml /app/
 COPY proxy/ /app/proxy/
 COPY --chmod=0755 hooks/validate.sh hooks/update.sh hooks/logrotate.sh hooks/messagehandler.sh /opt/section/
 RUN python3 -m compileall -q /app
