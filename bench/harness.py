@@ -530,6 +530,7 @@ class Services:
         cpus: frozenset[int] | None = None,
         cache: bool = False,
         next_hop: Server | None = None,
+        metrics: bool = True,
     ) -> Server:
         """The proxy under test, exactly as the image starts it (only the bind
         address is narrowed to loopback on the command line)."""
@@ -550,6 +551,7 @@ class Services:
             "PROXY_LOG_FORMAT": "json",
             "PROXY_ACCESS_LOG": "on" if access_log else "off",
             "PROXY_CACHE_DIR": str(scratch / "cache"),
+            "PROXY_METRICS_PORT": str(free_port()) if metrics else "off",
         }
         cmd = [str(self.proxy_python), "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
         server = self._spawn(name, port, cmd, signal.SIGTERM, cpus=cpus, cwd=ROOT, env=env)

@@ -37,6 +37,7 @@ SERVERS = {
     "origin": "origin direct",
     "proxy_cache": "proxy, cache on",
     "nginx_cache": "nginx proxy_cache",
+    "proxy_metrics_off": "proxy, metrics off",
 }
 #: The servers of the pass-through scenarios.
 PLAIN = ("proxy", "node", "wsgiproxy2", "nginx", "origin")
@@ -77,6 +78,16 @@ SCENARIOS = (
     Scenario("1k_cache_hits", "1 KiB cache hits, 50 conns", "/cached/1k", 50, 10, rounds=3, servers=CACHES),
     Scenario(
         "1m_cache_hits", "1 MiB cache hits, 10 conns (MB/s)", "/cached/1m", 10, 4, "mb_per_s_down", servers=CACHES
+    ),
+    # The cost of the Prometheus metrics (docs/metrics.md): the proxy with them on and off.
+    Scenario(
+        "1k_metrics",
+        "1 KiB GET, 50 keep-alive conns: metrics on / off",
+        "/1k",
+        50,
+        10,
+        rounds=3,
+        servers=("proxy", "proxy_metrics_off"),
     ),
 )
 
@@ -241,6 +252,10 @@ def start_servers(services: harness.Services, args: argparse.Namespace, mode: Mo
         elif key == "proxy_cache":
             started[key] = services.proxy(
                 origin, workers=mode.proxy_workers, access_log=True, cpus=pin, name="proxy-cache", cache=True
+            )
+        elif key == "proxy_metrics_off":
+            started[key] = services.proxy(
+                origin, workers=mode.proxy_workers, access_log=True, cpus=pin, name="proxy-metrics-off", metrics=False
             )
         elif key == "nginx_cache":
             started[key] = services.nginx_proxy(origin, cpus=pin, cache=True, name="nginx-cache")
@@ -419,6 +434,14 @@ def compute_per_core_targets(scenarios: list[dict]) -> list[Target]:
             1.0,
             "ge",
             proxy_cpu_us_per_request=cpu("1k_new_conn"),
+        ),
+        Target(
+            "per_core_metrics_on_vs_off",
+            "1 KiB keep-alive req/s: metrics on / off",
+            vs("1k_metrics", "proxy_metrics_off", "rps"),
+            0.95,
+            "ge",
+            proxy_cpu_us_per_request=cpu("1k_metrics"),
         ),
     ]
 

@@ -1,4 +1,4 @@
-"""Ban expressions: a strict, documented subset of Varnish's ban language (docs/ban.md).
+"""Ban expressions: a strict, documented subset of Varnish's ban language (docs/cache.md, "Ban expressions").
 
 Sans-I/O: this module parses an expression and tests one stored object against it; when to test
 and what to load is the cache's business (`BanExpression.fields` says what a test needs).
@@ -303,7 +303,7 @@ def _regex(pattern: str | int, parser: _Parser, offset: int) -> object:
     """Compile `pattern` with RE2 into a one-pattern Set: an unanchored search, like Varnish's.
 
     A Set answers yes/no without building a match object: about 2.5 us a test against 20 us for
-    re2's `search` (docs/ban.md). Set.Compile refuses a pattern whose matcher would not fit
+    re2's `search` (docs/cache.md, "Ban expressions"). Set.Compile refuses a pattern whose matcher would not fit
     REGEX_MAX_MEM, so the linear-time DFA never runs out of memory mid-match.
     """
     assert isinstance(pattern, str)
