@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, MutableMapping
 from typing import Any, Protocol
 
 from . import logs, metrics
-from .logs import access_log, access_logged, iso_time, write_access
+from .logs import access_log, access_logged, error_log, iso_time, write_access
 
 __all__ = ["AccessRecord", "BodyCount", "StartResponse", "record_rejected"]
 
@@ -114,6 +115,25 @@ class AccessRecord:
                 write_access(self.fields())
         finally:
             self.environ = {}
+
+    def cut_short(self, why: str, sent: int) -> None:
+        """The body failed after its head was sent: shut the client
+        connection down, so that the client sees a truncated transfer, never
+        a short body passed off as complete, and say why in the error log."""
+        environ = self.environ
+        self.outcome = "upstream_error"
+        error_log.error(
+            "%s %s: %s after %d body bytes, closing client connection",
+            environ.get("REQUEST_METHOD"),
+            environ.get("RAW_URI"),
+            why,
+            sent,
+            extra={"request_id": self.request_id},
+        )
+        try:
+            environ["gunicorn.socket"].shutdown(socket.SHUT_RDWR)
+        except (KeyError, OSError):
+            pass
 
     def fields(self) -> dict[str, Any]:
         env = self.environ

@@ -384,21 +384,7 @@ class _Relay:
             while chunk := read1():
                 yield chunk
         except (ResponseError, OSError) as exc:
-            exchange = self._exchange
-            environ = self._environ
-            exchange.outcome = "upstream_error"
-            error_log.error(
-                "%s %s: next-hop failed mid-response after %d body bytes, closing client connection: %r",
-                environ["REQUEST_METHOD"],
-                environ["RAW_URI"],
-                exchange.body_bytes,
-                exc,
-                extra={"request_id": exchange.request_id},
-            )
-            try:
-                environ["gunicorn.socket"].shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self._exchange.cut_short(f"next-hop failed mid-response ({exc!r})", self._exchange.body_bytes)
 
     def close(self) -> None:
         self._exchange.upstream_end = time.perf_counter()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -183,20 +182,7 @@ class FollowBody:
         self._cut(sent)
 
     def _cut(self, sent: int) -> None:
-        environ = self._environ
-        exchange = environ["proxy.exchange"]
-        exchange.outcome = "upstream_error"
-        log.error(
-            "%s %s: the fill this request followed failed after %d body bytes, closing client connection",
-            environ["REQUEST_METHOD"],
-            environ["RAW_URI"],
-            sent,
-            extra={"request_id": exchange.request_id},
-        )
-        try:
-            environ["gunicorn.socket"].shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._environ["proxy.exchange"].cut_short("the fill this request followed failed", sent)
 
     def close(self) -> None:
         self._file.close()

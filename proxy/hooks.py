@@ -19,7 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import cache_config, cache_store, config
@@ -394,6 +394,21 @@ def _cache_store(settings: Settings) -> cache_store.Store | None:
         raise HookError(f"cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
 
 
+def _removed(settings: Settings, message: str, done: str, remove: Callable[[cache_store.Store], int]) -> None:
+    """Run one removal on the cache index and say how many entries went;
+    nothing to do (exit 0) when there is no index yet."""
+    store = _cache_store(settings)
+    if store is None:
+        return
+    try:
+        count = remove(store)
+    except sqlite3.Error as exc:
+        raise HookError(f"{message}: cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
+    finally:
+        store.close()
+    print(f"{done} {count} entries")
+
+
 def purge(settings: Settings, url: str) -> None:
     """Remove every variant of URL (``http[s]://host/target`` or ``//host/target``:
     that host, both schemes; ``/target``: every host). Returns once the rows
@@ -409,16 +424,8 @@ def purge(settings: Settings, url: str) -> None:
         raise HookError(f"purge: expected http://host/path, //host/path or /path, got {url!r}")
     if host == "":
         raise HookError(f"purge: no host in {url!r}")
-    store = _cache_store(settings)
-    if store is None:
-        return
-    try:
-        count = store.invalidate(host, "/" + target if slash else "/", purge=True)
-    except sqlite3.Error as exc:
-        raise HookError(f"purge: cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
-    finally:
-        store.close()
-    print(f"purged {count} entries")
+    path = "/" + target if slash else "/"
+    _removed(settings, "purge", "purged", lambda store: store.invalidate(host, path, purge=True))
 
 
 def ban(settings: Settings, text: str) -> None:
@@ -429,31 +436,13 @@ def ban(settings: Settings, text: str) -> None:
         ban_module.parse(text)
     except ban_module.BanSyntaxError as exc:
         raise HookError(f"ban: {exc}") from None
-    store = _cache_store(settings)
-    if store is None:
-        return
-    try:
-        count = store.ban(text)
-    except sqlite3.Error as exc:
-        raise HookError(f"ban: cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
-    finally:
-        store.close()
-    print(f"banned {count} entries")
+    _removed(settings, "ban", "banned", lambda store: store.ban(text))
 
 
 def purge_key(settings: Settings, tags: list[str]) -> None:
     """Remove every stored object whose ``Surrogate-Key`` names one of ``tags``;
     returns once no worker can serve them."""
-    store = _cache_store(settings)
-    if store is None:
-        return
-    try:
-        count = store.purge_tags(tags)
-    except sqlite3.Error as exc:
-        raise HookError(f"purge-key: cache index {cache_store.index_path(settings.cache_dir)}: {exc}") from None
-    finally:
-        store.close()
-    print(f"purged {count} entries")
+    _removed(settings, "purge-key", "purged", lambda store: store.purge_tags(tags))
 
 
 def cache_stats(settings: Settings) -> None:

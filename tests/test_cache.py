@@ -305,6 +305,32 @@ def test_survives_reload_and_restart(make_proxy, tmp_path, origin):
     assert origin.cache_count("/cache/persist") == 1
 
 
+def test_reload_applies_a_new_cache_policy_and_keeps_what_still_qualifies(make_proxy, tmp_path, origin):
+    """A reload that changes [cache]: entries the new policy still allows are
+    hits, a path it now bypasses is not served from the cache, and a lower
+    max_size evicts down to it at once."""
+    proxy = make_cached(make_proxy, tmp_path)
+    keep = cache_url("policy-keep", "Cache-Control:max-age=300", size="300000")
+    old = cache_url("policy-old", "Cache-Control:max-age=300", size="300000")
+    api = cache_url("policy-api", "Cache-Control:max-age=300")
+    for path in (old, keep, api):
+        get(proxy, path)
+    (proxy.config_dir / "proxy.toml").write_text(
+        CACHE_ON + 'max_size = 1048576\nmax_object_size = 400000\nbypass_paths = ["/cache/policy-api"]\n'
+    )
+    # Grow the cache past the new limit first: the reload must evict it down.
+    extra = [cache_url(f"policy-extra{n}", "Cache-Control:max-age=300", size="300000") for n in range(2)]
+    for path in extra:
+        get(proxy, path)
+    assert proxy.hook("update").returncode == 0
+    assert sum(p.stat().st_size for p in entry_files(tmp_path / "cache")) <= 1048576
+    assert statuses(get(proxy, keep)[0])[0].startswith("edge-proxy; hit")
+    assert statuses(get(proxy, api)[0]) == ["edge-proxy; fwd=bypass"]
+    assert statuses(get(proxy, old)[0])[0].startswith("edge-proxy; fwd=uri-miss")
+    assert origin.cache_count("/cache/policy-keep") == 1
+    assert origin.cache_count("/cache/policy-api") == 2
+
+
 def entry_files(cache_dir: Path) -> list[Path]:
     return sorted(p for p in (cache_dir / "objects").rglob("*") if p.is_file())
 
