@@ -113,10 +113,15 @@ def on_starting(server) -> None:
     proxy_metrics.prepare(_settings)
 
 
+def _enabled_cache_dir():
+    """Where the cache is while the active configuration enables it (read at each scrape)."""
+    return _settings.cache_dir if proxy_config.active is not None and proxy_config.active.cache.enabled else None
+
+
 def when_ready(server) -> None:
     """The Prometheus endpoint on loopback, served by this master (proxy.metrics_server)."""
     if _settings.metrics_port is not None:
-        metrics_server.serve(_settings.metrics_port, _settings.metrics_dir)
+        metrics_server.serve(_settings.metrics_port, _settings.metrics_dir, _enabled_cache_dir)
 
 
 def on_exit(server) -> None:

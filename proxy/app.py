@@ -7,7 +7,10 @@ Request path, outermost first:
 2. Platform rules: CONNECT is refused, the health check goes straight to
    next-hop, then the user's HTTPS redirect, access control, body limit.
 3. The user's middleware, if configured (``extension``).
-4. ``Proxy.forward``: stream the request to next-hop and the answer back.
+4. The user's ``[response_headers]`` rules (``_ResponseRules``), on what
+   next-hop or the cache answered.
+5. The cache layer, if enabled (``proxy.cache``).
+6. ``Proxy.forward``: stream the request to next-hop and the answer back.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import ipaddress
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,9 @@ from .cache_store import Store
 from .config import HEALTHZ_PATH, ProxyConfig
 from .extension import ExtensionError, WSGIApp, wrap
 from .headers import (
+    RELAYED,
     Header,
+    HeaderRules,
     InvalidHost,
     absolute_form_host,
     downstream_response_headers,
@@ -168,6 +173,33 @@ def respond(
     return [body]
 
 
+class _ResponseRules:
+    """The user's ``[response_headers]`` rules, applied above the cache layer
+    to what the client gets: a hit carries today's rules, not those in force
+    when it was stored. Only answers marked ``RELAYED``: the proxy's own
+    (error pages, only-if-cached 504) stay as the proxy made them."""
+
+    __slots__ = ("_app", "_rules")
+
+    def __init__(self, app: WSGIApp, rules: HeaderRules) -> None:
+        self._app = app
+        self._rules = rules
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        rules = self._rules
+
+        def start(status: str, headers: list[Header], exc_info: Any = None) -> Callable[[bytes], object]:
+            if environ.get(RELAYED):
+                headers = rules.apply(headers)
+            return start_response(status, headers, exc_info)
+
+        return self._app(environ, start)
+
+
+def _with_rules(app: WSGIApp, rules: HeaderRules) -> WSGIApp:
+    return _ResponseRules(app, rules) if rules else app
+
+
 def _client_ip(environ: dict[str, Any]) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         ip = ipaddress.ip_address(environ.get("HTTP_TRUE_CLIENT_IP", "").strip())
@@ -186,6 +218,9 @@ class Proxy:
         inner: WSGIApp = self.forward
         if config.cache.enabled and cache_dir is not None:
             inner = CacheLayer(self.forward, config.cache, Store(cache_dir, config.cache))
+        inner = _with_rules(inner, config.response_headers)
+        #: The health check's way: straight to next-hop, the response rules on its answer.
+        self.health_check = _with_rules(self.forward, config.response_headers)
         self.user_app: WSGIApp = inner
         if config.middleware is not None:
             module, factory = config.middleware
@@ -238,7 +273,7 @@ class Proxy:
         if host is not None:  # every rule here, and next-hop, see the target's host
             environ["HTTP_HOST"] = host
         if raw_uri.startswith(HEALTHZ_PATH) and raw_uri[len(HEALTHZ_PATH) : len(HEALTHZ_PATH) + 1] in ("", "?"):
-            return self.forward(environ, start_response)
+            return self.health_check(environ, start_response)
         config = self.config
         if config.https_redirect.enabled and environ.get("HTTP_X_FORWARDED_PROTO", "").lower() != "https":
             target = upstream_target(raw_uri)
@@ -314,10 +349,11 @@ class Proxy:
             exchange.upstream_end = time.perf_counter()
             return self.error_page(start_response, status, head.header("Retry-After"))
         environ["proxy.body_framed"] = head.chunked or head.length is not None  # the cache verifies these
+        environ[RELAYED] = True
         out = downstream_response_headers(head.headers, head.connection)
-        if self.config.response_headers:
-            out = self.config.response_headers.apply(out)
-        if status == 101:
+        if status == 101:  # the tunnel writes its head itself, below _ResponseRules
+            if self.config.response_headers:
+                out = self.config.response_headers.apply(out)
             return tunnel(environ, exchange, response, out, self.config.tunnel.idle_timeout)
         start_response(f"{status} {head.reason or _REASONS.get(status, '')}", out)
         return _Relay(response, exchange, environ)

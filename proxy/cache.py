@@ -34,7 +34,7 @@ from .cache_collapse import FollowBody, Watches, wait_for_head
 from .cache_config import CacheConfig
 from .cache_store import Claim, Entry, Fill, FillRow, Key, Store
 from .extension import WSGIApp
-from .headers import Header, is_upgrade, upstream_target
+from .headers import RELAYED, Header, is_upgrade, upstream_target
 from .sendfile import FileRegion
 from .sockets import BLOCK_SIZE
 
@@ -223,6 +223,7 @@ class CacheLayer:
         stored = policy.Stored.from_json(row.meta)
         now = time.time()
         environ["proxy.exchange"].cache_status = "COLLAPSED"
+        environ[RELAYED] = True
         conditional = policy.not_modified(
             stored, environ.get("HTTP_IF_NONE_MATCH"), environ.get("HTTP_IF_MODIFIED_SINCE")
         )
@@ -293,6 +294,7 @@ class CacheLayer:
     ) -> Iterable[bytes]:
         """The stored response: whole, a 304 to a matching conditional, or
         the ranges asked for (206, 416). Bodies go by sendfile(2)."""
+        environ[RELAYED] = True
         stored = entry.stored
         now = time.time()
         members = [("Cache-Status", member) for member in [*(extra_status or []), status_member]]

@@ -405,9 +405,14 @@ Where they apply:
   user's middleware, which may also change request headers through the WSGI
   environ), WebSocket/Upgrade requests included.
 - Response rules apply to every response relayed from next-hop (and to a
-  `101 Switching Protocols` head). They do not apply to answers the proxy
-  makes or replaces itself: the HTTPS redirect, 403, 413, custom or default
-  error pages, and the 500 of a failing middleware.
+  `101 Switching Protocols` head) and to every answer from the cache: they
+  edit what the client gets, above the cache, so the cache stores next-hop's
+  headers as they came and a hit gets the rules in force now (after a
+  reload, the new ones), not those of when it was stored; they do not
+  change what the cache stores nor how long. They do not apply to answers
+  the proxy makes or replaces itself: the HTTPS redirect, 403, 413, custom
+  or default error pages, the 500 of a failing middleware, and the 504 to
+  `only-if-cached` when nothing is stored.
 - The health check is forwarded like any request, so request rules reach
   next-hop with it; that changes nothing about the answer.
 - Removing `Server` or `Date` from responses leaves Gunicorn's own value in

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 __all__ = [
     "HOP_BY_HOP",
     "Header",
+    "RELAYED",
     "HeaderRules",
     "InvalidHost",
     "KeptResponseFields",
@@ -69,6 +70,11 @@ _NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {"expect", "content-length", "content-typ
 _NEVER_CONNECTION_OPTIONS = frozenset({"host", "x-forwarded-for", "x-forwarded-proto", "true-client-ip"})
 
 Header = tuple[str, str]
+
+
+#: Environ key, set when the answer is next-hop's, relayed or stored (a cache
+#: hit), not one the proxy makes itself: only then do ``[response_headers]`` apply.
+RELAYED = "proxy.relayed"
 
 
 @dataclass(frozen=True)

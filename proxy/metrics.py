@@ -180,9 +180,8 @@ class _Metrics:
             multiprocess_mode="max",
             registry=None,
         )
-        # Cache metrics go here, beside the others, when the cache lands (hits,
-        # misses, stale served, revalidations, collapsed requests, stored bytes
-        # and entries, evictions, purges and bans): see docs/metrics.md.
+        # The cache's counters are not here: the scrape reads them from the
+        # cache's index (proxy.metrics_server._CacheCollector).
         for state in ("opened", "reused"):
             self.upstream_connections.labels(state)
         for kind in FAILURE_KINDS:

@@ -11,6 +11,11 @@ allows ports other than the public listener on loopback only.
 A thread rather than a process of its own: nothing to supervise or to
 reap (the master's ``waitpid(-1)`` would take a child's exit status), and
 it shows up neither as a worker nor as a holder of rotated log files.
+
+With the cache on, a scrape also reads the cache's counters from its index
+(``cache_store.read_stats``: one read-only query per scrape, the totals
+every worker last flushed there), so the workers' cache path writes no
+metric file of its own.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-__all__ = ["CLIENT_TIMEOUT_S", "RETRY_S", "endpoint", "serve", "snapshot", "stop"]
+from . import cache_store
+
+__all__ = ["CACHE_COUNTERS", "CLIENT_TIMEOUT_S", "RETRY_S", "CacheDir", "endpoint", "serve", "snapshot", "stop"]
 
 #: Seconds a scraper has to send its request, and to read the answer.
 CLIENT_TIMEOUT_S = 10.0
@@ -33,9 +40,52 @@ RETRY_S = 5.0
 _log = logging.getLogger(__name__)
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+#: The cache directory while the active configuration enables the cache, else None.
+CacheDir = Callable[[], Path | None]
+
+#: ``cache_store.COUNTERS`` name -> help text of its ``proxy_cache_<name>_total``.
+CACHE_COUNTERS = {
+    "hits": "Requests answered from a stored entry (fresh, or stale when allowed).",
+    "misses": "Cacheable requests that found no usable entry and went to next-hop.",
+    "revalidated": "Stale entries next-hop confirmed with a 304 (served from the cache).",
+    "stale": "Hits served stale (stale-while-revalidate, stale-if-error); also counted in hits.",
+    "collapsed": "Requests fed from another request's fill in flight instead of asking next-hop.",
+    "evictions": "Entries removed to stay under max_size or max_variants.",
+    "purges": "Purges applied (purge and purge-key messages), however many entries each removed.",
+    "bans": "Bans recorded (ban messages), however many entries each removed.",
+}
+#: Held while the metrics thread is inside SQLite: a fork (the master
+#: forking a worker) waits for it, so no child starts with an SQLite lock held.
+_sqlite_lock = threading.Lock()
 
 
-def _registry(directory: Path) -> Any:
+class _CacheCollector:
+    """The cache's counters and gauges, read from its index at each scrape."""
+
+    def __init__(self, cache_dir: CacheDir) -> None:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        self.cache_dir = cache_dir
+        self.counter = CounterMetricFamily
+        self.gauge = GaugeMetricFamily
+
+    def collect(self) -> Iterator[Any]:
+        directory = self.cache_dir()
+        if directory is None:
+            return
+        try:
+            with _sqlite_lock:
+                stats = cache_store.read_stats(directory)
+        except Exception as exc:  # the other metrics are still scraped
+            _log.warning("metrics endpoint: cannot read the cache's counters from %s: %s", directory, exc)
+            return
+        for name, help_text in CACHE_COUNTERS.items():
+            yield self.counter(f"proxy_cache_{name}", help_text, value=stats[name])
+        yield self.gauge("proxy_cache_entries", "Entries stored (every variant counts).", value=stats["entries"])
+        yield self.gauge("proxy_cache_stored_bytes", "Bytes of the stored entry files.", value=stats["bytes_stored"])
+
+
+def _registry(directory: Path, cache_dir: CacheDir | None = None) -> Any:
     # Imported only when used: prometheus_client picks its (multiprocess)
     # mode when first imported, after proxy.metrics.prepare has set it up.
     from prometheus_client import CollectorRegistry
@@ -43,24 +93,27 @@ def _registry(directory: Path) -> Any:
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    if cache_dir is not None:
+        registry.register(_CacheCollector(cache_dir))
     return registry
 
 
-def snapshot(directory: Path) -> bytes:
+def snapshot(directory: Path, cache_dir: CacheDir | None = None) -> bytes:
     """Every process's metrics, in the text format a scrape gets; empty when
     there are none (metrics off, or no proxy has run)."""
     from prometheus_client import generate_latest
 
     if not directory.is_dir():
         return b""
-    return generate_latest(_registry(directory))
+    return generate_latest(_registry(directory, cache_dir))
 
 
-def endpoint(directory: Path) -> WSGIApp:
-    """The WSGI app: ``GET``/``HEAD /metrics`` answer, other paths 404, other methods 405."""
+def endpoint(directory: Path, cache_dir: CacheDir | None = None) -> WSGIApp:
+    """The WSGI app: ``GET``/``HEAD /metrics`` answer, other paths 404, other methods 405.
+    ``cache_dir`` says, at each scrape, where the enabled cache is (None: no cache metrics)."""
     from prometheus_client import make_wsgi_app
 
-    metrics_app = make_wsgi_app(_registry(directory))
+    metrics_app = make_wsgi_app(_registry(directory, cache_dir))
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -100,20 +153,23 @@ _thread: threading.Thread | None = None
 _last_failure = [""]
 
 
-def serve(port: int, directory: Path) -> None:
+def serve(port: int, directory: Path, cache_dir: CacheDir | None = None) -> None:
     """Serve the endpoint from a thread of this process (the master) until ``stop``.
 
     Everything that imports modules or binds happens here, in the calling
     thread: the master forks workers while the thread runs, and a child
     forked while another thread holds a module's import lock would hang on
-    its first import of that module.
+    its first import of that module. Likewise a fork waits while the thread
+    reads the cache's index (``_sqlite_lock``).
     """
     global _thread
     if _thread is not None:
         return
     _stopping.clear()
-    os.register_at_fork(after_in_child=_close_in_child)
-    app = endpoint(directory)
+    os.register_at_fork(
+        before=_sqlite_lock.acquire, after_in_parent=_sqlite_lock.release, after_in_child=_close_in_child
+    )
+    app = endpoint(directory, cache_dir)
     server = _listen(port, app, "")
     _thread = threading.Thread(target=_run, args=(port, app, server), name="metrics-endpoint", daemon=True)
     _thread.start()
@@ -147,7 +203,8 @@ def stop() -> None:
 
 def _close_in_child() -> None:
     """A forked worker must not keep the listening socket open (the port would
-    stay taken after the master closed it)."""
+    stay taken after the master closed it); its copy of the fork lock is released."""
+    _sqlite_lock.release()
     if _server is not None:
         _server.socket.close()
 

@@ -693,3 +693,26 @@ def test_lookup_and_tag_queries_use_indexes(cached):
     db.close()
     assert "USING INDEX entries_url" in lookup and "SCAN" not in lookup, lookup
     assert "SCAN" not in tagged and "USING" in tagged, tagged
+
+
+def test_response_header_rules_of_today_on_a_hit_stored_under_others(make_proxy, tmp_path, origin):
+    """[response_headers] apply above the cache: a reload's new rule reaches
+    entries stored before it; the proxy's own answers get no rule."""
+    rule = '[response_headers]\nremove = ["X-Gone"]\n\n[response_headers.set]\n"X-Rule" = "{}"\n'
+    proxy = make_cached(make_proxy, tmp_path, CACHE_ON + rule.format("A"))
+    path = cache_url("rules", "Cache-Control:max-age=300", "X-Gone:1")
+    response, body = get(proxy, path)
+    assert response.getheader("X-Rule") == "A" and response.getheader("X-Gone") is None
+    response, _ = get(proxy, path)
+    assert statuses(response)[0].startswith("edge-proxy; hit") and response.getheader("X-Rule") == "A"
+    (proxy.config_dir / "proxy.toml").write_text(CACHE_ON + rule.format("B"))
+    assert proxy.hook("update").returncode == 0
+    response, again = wait_for(
+        lambda: (answer := get(proxy, path))[0].getheader("X-Rule") == "B" and answer,
+        what="the hit served with rule B",
+    )
+    assert statuses(response)[0].startswith("edge-proxy; hit") and again == body
+    assert response.getheader("X-Gone") is None
+    assert origin.cache_count("/cache/rules") == 1
+    refused, _ = get(proxy, cache_url("rules-none"), {"Cache-Control": "only-if-cached"})
+    assert refused.status == 504 and refused.getheader("X-Rule") is None

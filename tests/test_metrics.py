@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -341,3 +342,45 @@ def test_a_taken_port_is_an_error_line_not_an_outage(make_proxy):
         proxy = make_proxy(env={"PROXY_METRICS_PORT": str(port)})
         assert proxy.request("GET", "/")[0].status == 200
         wait_for(lambda: f"cannot listen on 127.0.0.1:{port}" in proxy.error_log(), what="the error line")
+
+
+# -- the cache's counters ----------------------------------------------------------------
+
+
+def cache_samples(samples: Samples) -> dict[str, float]:
+    return {name: v for (name, _), v in samples.items() if name.startswith("proxy_cache_")}
+
+
+def test_cache_counters_in_the_scrape_only_while_the_cache_is_on(make_proxy, tmp_path, origin):
+    cache_dir = tmp_path / "cache"
+    proxy = make_proxy(env={"PROXY_CACHE_DIR": str(cache_dir)}, config="[cache]\nenabled = true\n")
+    path = "/cache/metrics?h=Cache-Control%3Amax-age%3D300"
+    bodies = {proxy.request("GET", path)[1] for _ in range(4)}  # a miss, then three hits
+    assert len(bodies) == 1 and origin.cache_count("/cache/metrics") == 1
+    assert proxy.hook("messagehandler", "purge", proxy.url("/cache/none")).returncode == 0
+    samples = wait_value(proxy, "proxy_cache_hits_total", 3)
+    stats = json.loads(proxy.hook("messagehandler", "cache-stats").stdout)
+    assert stats["bytes_stored"] > 0
+    assert cache_samples(samples) == {
+        "proxy_cache_hits_total": 3,
+        "proxy_cache_misses_total": 1,
+        "proxy_cache_revalidated_total": 0,
+        "proxy_cache_stale_total": 0,
+        "proxy_cache_collapsed_total": 0,
+        "proxy_cache_evictions_total": 0,
+        "proxy_cache_purges_total": 1,
+        "proxy_cache_bans_total": 0,
+        "proxy_cache_entries": 1,
+        "proxy_cache_stored_bytes": stats["bytes_stored"],
+    }
+    # A reload that turns the cache off takes its metrics out of the scrape.
+    (proxy.config_dir / "proxy.toml").write_text("[cache]\nenabled = false\n")
+    assert proxy.hook("update").returncode == 0
+    wait_for(lambda: not cache_samples(scrape(proxy)), what="no proxy_cache_ metrics")
+
+
+def test_no_cache_metrics_without_the_cache(make_proxy):
+    proxy = make_proxy()
+    proxy.request("GET", "/cache/plain?h=Cache-Control%3Amax-age%3D300")
+    samples = wait_value(proxy, "proxy_requests_total", 1, method="GET", status="2xx", outcome="ok")
+    assert cache_samples(samples) == {}
