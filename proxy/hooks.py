@@ -455,6 +455,16 @@ def cache_stats(settings: Settings) -> None:
     print(json.dumps(stats, sort_keys=True))
 
 
+def _enabled_cache_dir(settings: Settings) -> Path | None:
+    """The cache directory when the configuration enables the cache (as the
+    master's scrape does); None when it does not or cannot be read."""
+    try:
+        enabled = config.load(settings.config_dir).cache.enabled
+    except config.ConfigError:
+        return None
+    return settings.cache_dir if enabled else None
+
+
 def message(settings: Settings, name: str, args: list[str]) -> None:
     """``messagehandler.sh NAME ARGS``: ``updateenvironment`` and ``reload`` do
     what update.sh does; ``reopen-logs`` has the master and its workers reopen
@@ -478,7 +488,7 @@ def message(settings: Settings, name: str, args: list[str]) -> None:
     elif name in ("updateenvironment", "reload"):
         update(settings)
     elif name == "metrics":
-        sys.stdout.buffer.write(snapshot(settings.metrics_dir))
+        sys.stdout.buffer.write(snapshot(settings.metrics_dir, lambda: _enabled_cache_dir(settings)))
     elif name == "reopen-logs":
         master = running_master(settings)
         if master is not None and settings.log_target == "file":

@@ -373,6 +373,9 @@ def test_cache_counters_in_the_scrape_only_while_the_cache_is_on(make_proxy, tmp
         "proxy_cache_entries": 1,
         "proxy_cache_stored_bytes": stats["bytes_stored"],
     }
+    # messagehandler.sh metrics prints the same cache counters.
+    printed = proxy.hook("messagehandler", "metrics").stdout
+    assert "proxy_cache_hits_total 3.0" in printed and "proxy_cache_entries 1.0" in printed, printed
     # A reload that turns the cache off takes its metrics out of the scrape.
     (proxy.config_dir / "proxy.toml").write_text("[cache]\nenabled = false\n")
     assert proxy.hook("update").returncode == 0
