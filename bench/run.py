@@ -561,7 +561,16 @@ def draw_chart(section: dict, meta: dict, path: Path) -> None:
 
     scenarios = section["scenarios"]
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
-    colours = {"proxy": "#d62728", "node": "#2ca02c", "wsgiproxy2": "#9467bd", "nginx": "#1f77b4", "origin": "#7f7f7f"}
+    colours = {
+        "proxy": "#d62728",
+        "node": "#2ca02c",
+        "wsgiproxy2": "#9467bd",
+        "nginx": "#1f77b4",
+        "origin": "#7f7f7f",
+        "proxy_cache": "#ff7f0e",
+        "nginx_cache": "#17becf",
+        "proxy_metrics_off": "#e377c2",
+    }
     for ax, scenario in zip(axes.flat, scenarios, strict=False):
         metric = scenario["metric"]
         keys = list(scenario["results"])

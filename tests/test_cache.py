@@ -17,6 +17,8 @@ import pytest
 from conftest import Proxy, wait_for
 from origin import pattern_bytes
 
+from proxy import cache_store
+
 CACHE_ON = "[cache]\nenabled = true\n"
 
 
@@ -716,3 +718,41 @@ def test_response_header_rules_of_today_on_a_hit_stored_under_others(make_proxy,
     assert origin.cache_count("/cache/rules") == 1
     refused, _ = get(proxy, cache_url("rules-none"), {"Cache-Control": "only-if-cached"})
     assert refused.status == 504 and refused.getheader("X-Rule") is None
+
+
+def test_entries_survive_the_death_of_every_worker(cached, origin):
+    path = cache_url("survivor", "Cache-Control:max-age=300")
+    _, body = get(cached, path)
+    old = set(cached.workers())
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: len(set(cached.workers()) - old) == 2, what="two new workers")
+    wait_for(lambda: cached.request("GET", "/ready")[0].status == 200, what="the new workers serving")
+    response, again = get(cached, path)
+    assert again == body and statuses(response)[0].startswith("edge-proxy; hit")
+    assert origin.cache_count("/cache/survivor") == 1
+
+
+def test_hostile_keys_stay_inside_the_cache_directory(cached, origin):
+    cache_dir = Path(cached.env["PROXY_CACHE_DIR"]).resolve()
+    odd = "/cache/odd/../../../../etc/passwd%00%2F..%2F?h=Cache-Control%3Amax-age%3D300&x=%FF%0A"
+    for _ in (1, 2):
+        response, _ = get(cached, odd)
+    assert statuses(response)[0].startswith("edge-proxy; hit")
+    files = [p.resolve() for p in cache_dir.rglob("*")]
+    assert all(p.is_relative_to(cache_dir) for p in files)
+    assert all("passwd" not in p.name and ".." not in p.name for p in files)
+    # A target past the request-line limit never reaches the cache (414).
+    long = cache_url("long", "Cache-Control:max-age=300") + "&pad=" + "a" * 8200
+    response, _ = get(cached, long)
+    assert response.status == 414 and not statuses(response)
+    # Many Vary values: at most max_variants kept side by side, the index bounded.
+    path = cache_url("manyvary", "Cache-Control:max-age=300", "Vary:X-V")
+    for n in range(40):
+        get(cached, path, {"X-V": str(n)})
+    db = sqlite3.connect(cache_store.index_path(cache_dir))
+    try:
+        rows = db.execute("SELECT COUNT(*) FROM entries WHERE target LIKE '/cache/manyvary%'").fetchone()[0]
+    finally:
+        db.close()
+    assert 1 <= rows <= 16
