@@ -21,6 +21,7 @@ long as another process holds the write lock beyond ``BUSY_TIMEOUT_MS``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import hashlib
 import json
@@ -177,6 +178,20 @@ TAGGED_SQL = "SELECT e.id, e.file FROM tags t JOIN entries e ON e.id = t.entry W
 
 class CacheDirError(Exception):
     """``PROXY_CACHE_DIR`` cannot hold the cache; the message says why."""
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that takes the write lock at once (so that it
+    never fails half-way on a lock upgrade), committed if the block ends,
+    rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def index_path(directory: Path) -> Path:
@@ -399,13 +414,8 @@ class Store:
             return
         db = self.db
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
                 _add(db, counts)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             self.trouble.report("index", "cache: counters not written: %s", exc)
 
@@ -631,14 +641,9 @@ class Store:
 
     def evict(self, incoming: int) -> None:
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             removed = self._evict_in(db, incoming)
             _add(db, {"evictions": len(removed)})
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         self._unlink(removed)
 
     def sweep(self) -> None:
@@ -679,8 +684,7 @@ class Store:
         ``purge``: a purge message (counted)."""
         db = self.db
         host = host.lower() if host is not None else None
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             if host is None:
                 rows = db.execute("SELECT id, file FROM entries WHERE target = ?", (target,)).fetchall()
             else:
@@ -690,10 +694,6 @@ class Store:
             db.executemany("DELETE FROM entries WHERE id = ?", [(r[0],) for r in rows])
             self._record(db, "url", host, target, None)
             _add(db, {"purges": int(purge)})
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         self._unlink([r[1] for r in rows])
         return len(rows)
 
@@ -704,14 +704,9 @@ class Store:
 
         expr = ban_module.parse(text)
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             self._record(db, "ban", None, None, str(expr))
             _add(db, {"bans": 1})
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         matched: list[tuple[str, str]] = []
         for entry_id, scheme, host, target, file, meta in db.execute(
             "SELECT id, scheme, host, target, file, meta FROM entries"
@@ -720,13 +715,8 @@ class Store:
                 matched.append((entry_id, file))
         for start in range(0, len(matched), 500):  # short transactions: workers keep writing
             batch = matched[start : start + 500]
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
                 db.executemany("DELETE FROM entries WHERE id = ? AND file = ?", batch)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         self._unlink([file for _, file in matched])
         return len(matched)
 
@@ -736,8 +726,7 @@ class Store:
         in flight carrying one of them will not publish."""
         db = self.db
         unique = list(dict.fromkeys(tags))
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             rows: set[tuple[str, str]] = set()
             for start in range(0, len(unique), 500):
                 batch = unique[start : start + 500]
@@ -745,10 +734,6 @@ class Store:
             db.executemany("DELETE FROM entries WHERE id = ? AND file = ?", sorted(rows))
             self._record(db, "tag", None, None, " ".join(unique))
             _add(db, {"purges": 1})
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         self._unlink([file for _, file in rows])
         return len(rows)
 
