@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import sqlite3
 import time
 import urllib.parse
@@ -756,3 +757,23 @@ def test_hostile_keys_stay_inside_the_cache_directory(cached, origin):
     finally:
         db.close()
     assert 1 <= rows <= 16
+
+
+def test_a_client_abort_mid_fill_is_never_stored(cached, origin):
+    size = 4_000_000  # the rest, after the abort, is many blocks: the proxy's writes fail long before the last
+    name = "/cache/abort-fill"
+    path = cache_url("abort-fill", "Cache-Control:max-age=300", size=str(size), hold="body")
+    release = origin.hold(name)
+    conn = cached.connection(timeout=30)
+    conn.request("GET", path, headers={"X-Request-Id": "abort-fill-1"})
+    response = conn.getresponse()
+    assert response.read(1000) == pattern_bytes(1000)  # the fill is streaming
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-body
+    conn.close()
+    release.set()  # next-hop goes on sending; the proxy learns of the abort on its next writes
+    record = record_of(cached, "abort-fill-1")
+    assert record["outcome"] == "client_abort" and record["cache_status"] == "MISS"
+    again, body = get(cached, path, headers={"X-Request-Id": "abort-fill-2"})
+    assert body == pattern_bytes(size)
+    assert statuses(again)[0].startswith("edge-proxy; fwd=uri-miss; stored")
+    assert origin.cache_count(name) == 2
