@@ -67,6 +67,10 @@ class Scenario:
     #: The same in the per-core mode, where every scenario but one carries a target.
     per_core_rounds: int = 3
     servers: tuple[str, ...] = PLAIN
+    #: Fresh servers for every round: two instances of one build differ by up
+    #: to 7% here (where their memory lands, measured 2026-12-02), more than
+    #: the few µs per request an A/B of two builds looks for.
+    fresh_servers: bool = False
 
 
 SCENARIOS = (
@@ -80,6 +84,8 @@ SCENARIOS = (
         "1m_cache_hits", "1 MiB cache hits, 10 conns (MB/s)", "/cached/1m", 10, 4, "mb_per_s_down", servers=CACHES
     ),
     # The cost of the Prometheus metrics (docs/metrics.md): the proxy with them on and off.
+    # An A/B of two builds of one server: fresh servers each round, more rounds, and the
+    # target is the median of the rounds' ratios (the two runs of a round are adjacent).
     Scenario(
         "1k_metrics",
         "1 KiB GET, 50 keep-alive conns: metrics on / off",
@@ -87,7 +93,9 @@ SCENARIOS = (
         50,
         10,
         rounds=3,
+        per_core_rounds=7,
         servers=("proxy", "proxy_metrics_off"),
+        fresh_servers=True,
     ),
 )
 
@@ -235,33 +243,44 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def start_servers(services: harness.Services, args: argparse.Namespace, mode: Mode) -> dict[str, harness.Server]:
     origin = services.origin(workers=mode.origin_workers, cpus=mode.load_cpus)
-    pin = mode.proxy_cpus
-    started: dict[str, harness.Server] = {}
-    for key in args.servers:
-        log(f"starting {SERVERS[key]} ({mode.title})")
-        if key == "origin":
-            started[key] = origin
-        elif key == "proxy":
-            started[key] = services.proxy(origin, workers=mode.proxy_workers, access_log=True, cpus=pin)
-        elif key == "node":
-            started[key] = services.node_proxy(origin, cpus=pin)
-        elif key == "wsgiproxy2":
-            started[key] = services.wsgiproxy(origin, workers=mode.proxy_workers, cpus=pin)
-        elif key == "nginx":
-            started[key] = services.nginx_proxy(origin, response_buffering=mode.nginx_response_buffering, cpus=pin)
-        elif key == "proxy_cache":
-            started[key] = services.proxy(
-                origin, workers=mode.proxy_workers, access_log=True, cpus=pin, name="proxy-cache", cache=True
-            )
-        elif key == "proxy_metrics_off":
-            started[key] = services.proxy(
-                origin, workers=mode.proxy_workers, access_log=True, cpus=pin, name="proxy-metrics-off", metrics=False
-            )
-        elif key == "nginx_cache":
-            started[key] = services.nginx_proxy(origin, cpus=pin, cache=True, name="nginx-cache")
+    started = {key: origin if key == "origin" else start_server(services, key, origin, mode) for key in args.servers}
     for server in started.values():
         harness.sanity_check(server)
     return started
+
+
+def start_server(services: harness.Services, key: str, origin: harness.Server, mode: Mode) -> harness.Server:
+    """One proxy under test (not the origin), pinned as ``mode`` says."""
+    log(f"starting {SERVERS[key]} ({mode.title})")
+    pin = mode.proxy_cpus
+    if key == "proxy":
+        return services.proxy(origin, workers=mode.proxy_workers, access_log=True, cpus=pin)
+    if key == "node":
+        return services.node_proxy(origin, cpus=pin)
+    if key == "wsgiproxy2":
+        return services.wsgiproxy(origin, workers=mode.proxy_workers, cpus=pin)
+    if key == "nginx":
+        return services.nginx_proxy(origin, response_buffering=mode.nginx_response_buffering, cpus=pin)
+    if key == "proxy_cache":
+        return services.proxy(
+            origin, workers=mode.proxy_workers, access_log=True, cpus=pin, name="proxy-cache", cache=True
+        )
+    if key == "proxy_metrics_off":
+        return services.proxy(
+            origin, workers=mode.proxy_workers, access_log=True, cpus=pin, name="proxy-metrics-off", metrics=False
+        )
+    if key == "nginx_cache":
+        return services.nginx_proxy(origin, cpus=pin, cache=True, name="nginx-cache")
+    raise ValueError(f"unknown server {key}")
+
+
+def restart(services: harness.Services, servers: dict[str, harness.Server], keys: list[str], mode: Mode) -> None:
+    """Replace the servers ``keys`` with fresh ones (same settings, same CPUs)."""
+    origin = next(s for s in services.servers if s.name == "origin")
+    for key in keys:
+        services.stop(servers[key])
+        servers[key] = start_server(services, key, origin, mode)
+        harness.sanity_check(servers[key])
 
 
 def pinning(services: harness.Services, mode: Mode) -> dict[str, list[dict]]:
@@ -294,7 +313,9 @@ def measured_wrk(server: harness.Server, duration: float, **run) -> dict:
     return result
 
 
-def run_all(args: argparse.Namespace, servers: dict[str, harness.Server], mode: Mode) -> list[dict]:
+def run_all(
+    args: argparse.Namespace, services: harness.Services, servers: dict[str, harness.Server], mode: Mode
+) -> list[dict]:
     scenarios = []
     for scenario in args.scenario_list:
         connections = scenario.quick_connections if args.quick else scenario.connections
@@ -304,7 +325,12 @@ def run_all(args: argparse.Namespace, servers: dict[str, harness.Server], mode: 
             continue
         runs: dict[str, list[dict]] = {key: [] for key in chosen}
         for round_ in range(rounds):
-            for key, server in chosen.items():
+            if scenario.fresh_servers and round_ > 0:
+                restart(services, servers, list(chosen), mode)
+                chosen = {key: servers[key] for key in chosen}
+            # Every other round in reverse order: neither server always runs first.
+            order = list(chosen.items()) if round_ % 2 == 0 else list(reversed(chosen.items()))
+            for key, server in order:
                 run = dict(
                     url=server.url + scenario.path,
                     connections=connections,
@@ -313,7 +339,7 @@ def run_all(args: argparse.Namespace, servers: dict[str, harness.Server], mode: 
                     post_bytes=scenario.post_bytes,
                     cpus=mode.load_cpus,
                 )
-                if args.warmup and round_ == 0:
+                if args.warmup and (round_ == 0 or scenario.fresh_servers):
                     # Same load, unmeasured: upstream pools and caches reach this scenario's size.
                     harness.wrk(duration=args.warmup, **run)
                 log(
@@ -393,6 +419,15 @@ def compute_per_core_targets(scenarios: list[dict]) -> list[Target]:
     def cpu(scenario: str) -> float | None:
         return value(scenario, "proxy", "cpu_us_per_request")
 
+    def paired(scenario: str, other: str, field: str) -> float | None:
+        """The median of each round's ratio: drift of the machine between rounds cancels out."""
+        results = next((s["results"] for s in scenarios if s["key"] == scenario), {})
+        if "proxy" not in results or other not in results:
+            return None
+        ours, theirs = results["proxy"].get("runs", [results["proxy"]]), results[other].get("runs", [results[other]])
+        ratios = [r for a, b in zip(ours, theirs, strict=True) if (r := _ratio(a[field], b[field])) is not None]
+        return statistics.median(ratios) if ratios else None
+
     return [
         Target(
             "per_core_rps_vs_node",
@@ -437,8 +472,8 @@ def compute_per_core_targets(scenarios: list[dict]) -> list[Target]:
         ),
         Target(
             "per_core_metrics_on_vs_off",
-            "1 KiB keep-alive req/s: metrics on / off",
-            vs("1k_metrics", "proxy_metrics_off", "rps"),
+            "1 KiB keep-alive req/s: metrics on / off (median of the rounds' ratios)",
+            paired("1k_metrics", "proxy_metrics_off", "rps"),
             0.95,
             "ge",
             proxy_cpu_us_per_request=cpu("1k_metrics"),
@@ -613,7 +648,7 @@ def run_mode(args: argparse.Namespace, mode: Mode) -> tuple[dict, list[Target]]:
     try:
         servers = start_servers(services, args, mode)
         at_start = pinning(services, mode)
-        scenarios = run_all(args, servers, mode)
+        scenarios = run_all(args, services, servers, mode)
         at_end = pinning(services, mode)  # workers still the pinned ones
         stampede = run_stampede(services, mode) if "proxy_cache" in servers else None
         access_lines = None
