@@ -11,7 +11,7 @@ import email.utils
 import json
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -233,10 +233,12 @@ def vary_names(headers: Iterable[Header]) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def variant(names: Iterable[str], request_header: Callable[[str], str | None]) -> str | None:
+def variant(names: Sequence[str], request_header: Callable[[str], str | None]) -> str | None:
     """The request's selecting values for ``names`` normalised as section 4.1
     allows: list elements trimmed of surrounding whitespace, lines combined;
     values keep their case (its meaning depends on the field). None if too long."""
+    if not names:
+        return "[]"  # no Vary: what json.dumps([]) says, without the call on every hit
     selected: list[list[str] | None] = []
     for name in names:
         value = request_header(name)

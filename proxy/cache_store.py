@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import gevent
 
@@ -68,6 +68,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("proxy")
+_T = TypeVar("_T")
 
 INDEX = "index.sqlite3"
 MAGIC = b"EPCACHE\x00"
@@ -87,6 +88,11 @@ MAX_TARGET_BYTES = 8192
 TOUCH_INTERVAL_S = 10.0
 #: Hard upper bound on variants read per lookup, whatever the configuration says.
 _VARIANT_ROWS = 256
+#: Decoded index columns and verified entry files a worker remembers (each
+#: memo is emptied when it reaches this size): a hit on an entry the worker
+#: has served before runs no SELECT, decodes no JSON and reads no entry
+#: header while the index is unchanged.
+_MEMO_SIZE = 4096
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 #: The counters ``cache-stats`` prints (with the ``entries`` and
 #: ``bytes_stored`` gauges, read from the index). ``hits``: answered from an
@@ -364,6 +370,20 @@ class _Trouble:
         self.failing.discard(kind)
 
 
+def _memo(memo: dict[str, _T], text: str, decode: Callable[[str], _T]) -> _T:
+    """``decode(text)``, remembered in ``memo`` (emptied when full)."""
+    value = memo.get(text)
+    if value is None:
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        value = memo[text] = decode(text)
+    return value
+
+
+def _vary_names(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
+
+
 class Store:
     """One process's handle on the shared cache (open it after fork)."""
 
@@ -372,6 +392,16 @@ class Store:
         self.config = config
         self._db = db
         self.trouble = _Trouble()
+        self._objects = f"{directory}/objects/"
+        #: A URL's rows as last read, while the index is unchanged since (the stamp).
+        self._rows: dict[tuple[str, str, str], list[tuple[Any, ...]]] = {}
+        self._rows_stamp: tuple[int, int] = (-1, -1)
+        #: ``meta`` column text -> its Stored; ``vary`` column text -> its names.
+        self._stored: dict[str, Stored] = {}
+        self._names: dict[str, tuple[str, ...]] = {}
+        #: Entry file -> (what fstat said of it, entry id, body size, body offset)
+        #: when this worker last verified its header.
+        self._verified: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
         self._counts: dict[str, int] = {}
         self._flush_due = False
         self._exit_flush = False
@@ -421,31 +451,63 @@ class Store:
 
     # -- lookup and hits ----------------------------------------------------------
 
+    def _rows_of(self, key: Key) -> list[tuple[Any, ...]]:
+        """The URL's index rows: one indexed SELECT, or none at all when the
+        index has not changed since this worker last read them. Changed means
+        a commit by any other connection (``PRAGMA data_version``: every
+        purge, ban, fill and eviction of another process) or by this one
+        (``total_changes``)."""
+        db = self.db
+        stamp = (db.execute("PRAGMA data_version").fetchall()[0][0], db.total_changes)
+        if stamp != self._rows_stamp:
+            self._rows.clear()
+            self._rows_stamp = stamp
+        where = (key.host, key.target, key.scheme)
+        rows = self._rows.get(where)
+        if rows is None:
+            rows = db.execute(LOOKUP_SQL, (*where, _VARIANT_ROWS)).fetchall()
+            if len(self._rows) >= _MEMO_SIZE:
+                self._rows.clear()
+            self._rows[where] = rows
+        return rows
+
     def lookup(self, key: Key, request_header: Callable[[str], str | None]) -> Lookup:
-        """The variant stored for this request, if any: one indexed SELECT."""
-        rows = self.db.execute(LOOKUP_SQL, (key.host, key.target, key.scheme, _VARIANT_ROWS)).fetchall()
+        """The variant stored for this request, if any."""
+        rows = self._rows_of(key)
         if not rows:
             return Lookup(None, "uri-miss")
         chosen: dict[str, str | None] = {}
         for entry_id, vary, stored_variant, file, body_size, meta, used in rows:
             if vary not in chosen:
-                chosen[vary] = select(json.loads(vary), request_header)
+                names = _memo(self._names, vary, _vary_names)
+                chosen[vary] = select(names, request_header)
             if chosen[vary] == stored_variant:
-                return Lookup(Entry(entry_id, key, file, body_size, Stored.from_json(meta), used), "")
+                stored = _memo(self._stored, meta, Stored.from_json)
+                return Lookup(Entry(entry_id, key, file, body_size, stored, used), "")
         return Lookup(None, "vary-miss")
 
     def open(self, entry: Entry) -> BinaryIO | None:
         """The entry's file positioned at its body, verified; None (and the
-        entry removed) when it is missing, truncated, overwritten or foreign."""
-        path = self._path(entry.file)
+        entry removed) when it is missing, truncated, overwritten or foreign.
+
+        The header is read once per worker and file: later opens compare what
+        fstat says (device, inode, size, mtime, ctime) with what it said then,
+        so a file replaced, cut, grown or written to since is read again."""
+        file = entry.file
         try:
-            # Unbuffered: after the header checks the descriptor sits at the
-            # body, and the body is sent from it by sendfile(2), not read here.
-            f = path.open("rb", buffering=0)
+            # Unbuffered: the descriptor sits at the body, which is sent from
+            # it by sendfile(2) or pread(2), not read through a buffer.
+            f = open(f"{self._objects}{file[:2]}/{file}", "rb", buffering=0)
         except FileNotFoundError:
             self.remove(entry, "file missing")
             return None
         try:
+            st = os.fstat(f.fileno())
+            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            known = self._verified.get(file)
+            if known is not None and known[:3] == (stamp, entry.id, entry.body_size):
+                f.seek(known[3])
+                return f
             preamble = f.read(_PREAMBLE.size)
             magic, version, length = _PREAMBLE.unpack(preamble)
             if magic != MAGIC or version != FORMAT_VERSION or length > 65536:
@@ -453,12 +515,16 @@ class Store:
             head = json.loads(f.read(length))
             if head.get("id") != entry.id or head.get("body") != entry.body_size:
                 raise ValueError("header names another entry")
-            if os.fstat(f.fileno()).st_size != _PREAMBLE.size + length + entry.body_size:
+            if st.st_size != _PREAMBLE.size + length + entry.body_size:
                 raise ValueError("size does not match the header")
         except (ValueError, struct.error, OSError, AttributeError) as exc:
             f.close()
-            self.remove(entry, f"corrupt entry file {path.name}: {exc}")
+            self._verified.pop(file, None)
+            self.remove(entry, f"corrupt entry file {file}: {exc}")
             return None
+        if len(self._verified) >= _MEMO_SIZE:
+            self._verified.clear()
+        self._verified[file] = (stamp, entry.id, entry.body_size, _PREAMBLE.size + length)
         return f
 
     def remove(self, entry: Entry, why: str) -> None:
@@ -741,6 +807,7 @@ class Store:
         if self._db is not None:
             self._db.close()
             self._db = None
+            self._rows_stamp = (-1, -1)  # a new connection's stamps start anew
 
 
 def _subject(key: Key, stored: Stored) -> BanSubject:

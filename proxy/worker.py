@@ -72,6 +72,9 @@ class ProxyResponse(internals.GunicornResponse):
 
     origin_server = False
     origin_date = False
+    #: Gunicorn's ``sendfile`` setting, read once by the worker (every
+    #: ``can_sendfile`` walks Gunicorn's settings table).
+    sendfile_on = True
     #: The response head, held back to leave with the first body bytes.
     _head: bytes | None = None
 
@@ -137,7 +140,7 @@ class ProxyResponse(internals.GunicornResponse):
         region = getattr(respiter, "filelike", None)
         if (
             not isinstance(region, FileRegion)
-            or not self.can_sendfile()
+            or not self.sendfile_on
             or self.chunked
             or self.req.method == "HEAD"
             or self.response_length != region.length
@@ -269,6 +272,7 @@ class ProxyWorker(GeventWorker):  # type: ignore[misc]  # Gunicorn ships no type
         # What the master checked before forking, checked again where it is used.
         internals.check(internals.BEFORE_PATCHING)
         internals.use_response_class(ProxyResponse)
+        ProxyResponse.sendfile_on = self.cfg.sendfile is not False
         internals.use_server_class(BalancedServer)
         # Request bodies are read 64 KiB at a time; Gunicorn's reader asks the
         # socket for up to 1 MiB ahead and then copies what is left of it on

@@ -338,13 +338,38 @@ def entry_files(cache_dir: Path) -> list[Path]:
     return sorted(p for p in (cache_dir / "objects").rglob("*") if p.is_file())
 
 
+def later_write_shows(file: Path) -> bool:
+    """Whether a write now gets an mtime other than ``file``'s (the file
+    system's clock has ticked since it was written)."""
+    probe = file.parent / ".mtime-probe"
+    probe.write_bytes(b"")
+    try:
+        return probe.stat().st_mtime_ns != file.stat().st_mtime_ns
+    finally:
+        probe.unlink()
+
+
+@pytest.mark.parametrize("served_first", [False, True], ids=["fresh", "served-first"])
 @pytest.mark.parametrize("damage", ["truncate", "overwrite", "foreign"])
-def test_corrupt_entry_is_a_miss_and_removed(cached, origin, damage):
+def test_corrupt_entry_is_a_miss_and_removed(cached, origin, damage, served_first):
+    """``served-first``: both workers have served the entry (and remember its
+    header as verified) before it is damaged."""
     cache_dir = Path(cached.env["PROXY_CACHE_DIR"])
-    path = cache_url(f"corrupt-{damage}", "Cache-Control:max-age=300", size="50000")
+    name = f"corrupt-{damage}-{served_first}"
+    path = cache_url(name, "Cache-Control:max-age=300", size="50000")
     before = set(entry_files(cache_dir))
     get(cached, path)
     (file,) = set(entry_files(cache_dir)) - before
+    if served_first:
+        held = [cached.connection() for _ in range(4)]  # held open: spread over both workers
+        for conn in held:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            assert response.read() == pattern_bytes(50000)
+            assert statuses(response)[0].startswith("edge-proxy; hit")
+        for conn in held:
+            conn.close()
+        wait_for(lambda: later_write_shows(file), what="the file system's clock to tick")
     if damage == "truncate":
         os.truncate(file, file.stat().st_size - 100)
     elif damage == "overwrite":
