@@ -333,7 +333,7 @@ class Proxy:
         except (BodyTooLarge, ClientBodyError) as exc:
             return self.body_failed(environ, start_response, exc)
         except UpstreamError as exc:
-            return self.upstream_failed(environ, start_response, exc)
+            return self.upstream_failed(environ, start_response, exc, close=body is not None and body.unfinished)
         exchange.connect_s = timing.connect_s
         exchange.first_byte_s = timing.first_byte_s
         return self.answer(environ, start_response, response)
@@ -374,8 +374,10 @@ class Proxy:
         return respond(start_response, 400, close=True)
 
     def upstream_failed(
-        self, environ: dict[str, Any], start_response: StartResponse, exc: UpstreamError
+        self, environ: dict[str, Any], start_response: StartResponse, exc: UpstreamError, close: bool = False
     ) -> list[bytes]:
+        """The 502/504 (or its error page); ``close``: the connection cannot
+        carry another request (the client's body did not all get through)."""
         exchange: AccessRecord = environ["proxy.exchange"]
         exchange.outcome = "upstream_error"
         exchange.upstream_end = time.perf_counter()
@@ -388,14 +390,16 @@ class Proxy:
             exc.reason,
             extra={"request_id": exchange.request_id},
         )
-        return self.error_page(start_response, exc.status)
+        return self.error_page(start_response, exc.status, close=close)
 
-    def error_page(self, start_response: StartResponse, status: int, retry_after: str | None = None) -> list[bytes]:
+    def error_page(
+        self, start_response: StartResponse, status: int, retry_after: str | None = None, close: bool = False
+    ) -> list[bytes]:
         headers = [("Retry-After", retry_after)] if retry_after else None
         page = self.config.error_pages.get(status)
         if page is None:
-            return respond(start_response, status, headers=headers)
-        return respond(start_response, status, page.body, headers, page.content_type)
+            return respond(start_response, status, headers=headers, close=close)
+        return respond(start_response, status, page.body, headers, page.content_type, close)
 
 
 class _Relay:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import io
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from gevent import socket as gevent_socket
 from gevent.hub import Hub
 from gevent.server import StreamServer
 from gunicorn.glogging import Logger as _GunicornLogger
+from gunicorn.http import body as _body
 from gunicorn.http import unreader as _unreader
 from gunicorn.http import wsgi as _wsgi
 from gunicorn.workers import ggevent as _ggevent
@@ -60,6 +62,8 @@ __all__ = [
     "return_pooled",
     "route_hub_errors",
     "set_body_read_size",
+    "take_length_body",
+    "TakenBody",
     "take_pooled",
     "use_response_class",
     "use_server_class",
@@ -195,6 +199,15 @@ PIECES: tuple[Piece, ...] = (
     Piece("gunicorn", "gunicorn.http.body", "EOFReader.unreader", InstanceAttribute(), "pipelined tunnel bytes"),
     Piece("gunicorn", "gunicorn.http.body", "ChunkedReader.req", InstanceAttribute(), "pipelined tunnel bytes"),
     Piece("gunicorn", "gunicorn.http.message", "Message.unreader", InstanceAttribute(), "pipelined tunnel bytes"),
+    # Gunicorn: a Content-Length body taken over by splice(2).
+    Piece("gunicorn", "gunicorn.http.body", "Body", Class(), "bodies by splice"),
+    Piece("gunicorn", "gunicorn.http.body", "Body.buf", InstanceAttribute(), "bodies by splice"),
+    Piece("gunicorn", "gunicorn.http.body", "Body.failed", InstanceAttribute(), "bodies by splice"),
+    Piece("gunicorn", "gunicorn.http.body", "LengthReader", Class(), "bodies by splice"),
+    Piece("gunicorn", "gunicorn.http.body", "LengthReader.length", InstanceAttribute(), "bodies by splice"),
+    Piece("gunicorn", "gunicorn.http.unreader", "SocketUnreader", Class(), "bodies by splice"),
+    Piece("gunicorn", "gunicorn.http.unreader", "SocketUnreader.sock", InstanceAttribute(), "bodies by splice"),
+    Piece("gunicorn", "gunicorn.http.unreader", "Unreader.unread", Method(2), "bodies by splice"),
     # Gunicorn: the worker and logger methods the proxy overrides.
     Piece("gunicorn", "gunicorn.glogging", "Logger._compute_access_log_enabled", Method(1), "no Gunicorn access log"),
     Piece("gunicorn", "gunicorn.glogging", "Logger.setup", Method(2), "the console kept for fatal errors"),
@@ -337,6 +350,47 @@ def client_read_ahead(environ: Mapping[str, Any]) -> bytes:
     if isinstance(source, _unreader.Unreader):
         return bytes(source.take_buffered())
     return b""
+
+
+class TakenBody:
+    """A Content-Length body taken over from Gunicorn (``take_length_body``)."""
+
+    __slots__ = ("held", "remaining", "sock", "_input")
+
+    def __init__(self, held: bytes, remaining: int, sock: socket.socket, wsgi_input: Any) -> None:
+        self.held = held  #: the start of the body, already read by Gunicorn
+        self.remaining = remaining  #: bytes of the body still on the socket
+        self.sock = sock  #: the client's socket
+        self._input = wsgi_input
+
+    def failed(self) -> None:
+        """The rest did not all arrive: Gunicorn must not read the next
+        request from this connection (it would start mid-body)."""
+        self._input.failed = True
+
+
+def take_length_body(wsgi_input: object) -> TakenBody | None:
+    """Take over what is left of a Content-Length body from Gunicorn's
+    ``wsgi.input``: the bytes Gunicorn already holds of it and the socket
+    the rest is on. Gunicorn then counts the body as read (and does not
+    drain it after the response); bytes it read past the body (a pipelined
+    request) stay with it. None when the input is not Gunicorn's
+    length-delimited body on a socket (chunked, or a middleware's)."""
+    if not isinstance(wsgi_input, _body.Body):
+        return None
+    reader = wsgi_input.reader
+    if not isinstance(reader, _body.LengthReader) or not isinstance(reader.unreader, _unreader.SocketUnreader):
+        return None
+    unreader = reader.unreader
+    held = wsgi_input.buf.getvalue()
+    wsgi_input.buf = io.BytesIO()
+    remaining = reader.length
+    buffered = unreader.take_buffered()
+    if len(buffered) > remaining:
+        unreader.unread(buffered[remaining:])
+        buffered = buffered[:remaining]
+    reader.length = 0
+    return TakenBody(held + buffered, remaining - len(buffered), unreader.sock, wsgi_input)
 
 
 class QuietAccessLogger(_GunicornLogger):  # type: ignore[misc]

@@ -9,10 +9,12 @@ failure of next-hop.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
-from .sockets import BLOCK_SIZE
+from . import internals, splice
+from .sockets import BLOCK_SIZE, send_all
 
 __all__ = ["BodyTooLarge", "ClientBodyError", "LimitedBody", "RequestBody", "request_body"]
 
@@ -30,13 +32,40 @@ class RequestBody:
     """The client's body as an iterator, remembering whether reading began
     (a request whose body was partly sent cannot be retried)."""
 
-    __slots__ = ("_input", "_remaining", "started", "bytes_read")
+    __slots__ = ("_input", "_remaining", "started", "bytes_read", "unfinished")
 
     def __init__(self, wsgi_input: BinaryIO, length: int | None) -> None:
         self._input = wsgi_input
         self._remaining = length
         self.started = False
         self.bytes_read = 0
+        #: The body was taken from Gunicorn and did not all get through: the
+        #: rest of it is still on the connection (or lost), so the connection
+        #: must close after the answer, or its next "request" would start mid-body.
+        self.unfinished = False
+
+    def splice_to(self, sock: socket.socket) -> bool:
+        """Send a Content-Length body to ``sock`` with splice(2)
+        (``proxy.splice``); False when it cannot go that way (chunked,
+        a middleware's ``wsgi.input``, no splice here): iterate it instead."""
+        length = self._remaining
+        if length is None or not splice.AVAILABLE or self.started:
+            return False
+        taken = internals.take_length_body(self._input)
+        if taken is None:
+            return False
+        self.started = True
+        try:
+            if taken.held:
+                send_all(sock, taken.held)
+                self.bytes_read += len(taken.held)
+            for moved in splice.move(taken.sock, sock, taken.remaining):
+                self.bytes_read += moved
+        except splice.SourceError as exc:
+            raise ClientBodyError(str(exc)) from exc
+        finally:
+            self.unfinished = self.bytes_read < length
+        return True
 
     def __iter__(self) -> Iterator[bytes]:
         self.started = True

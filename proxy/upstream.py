@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from urllib3 import HTTPConnectionPool, PoolManager
@@ -87,8 +86,11 @@ def request_head(method: str, target: str, headers: list[Header], chunked: bool)
     return data
 
 
-def send_body(sock: socket.socket, body: Iterable[bytes], chunked: bool) -> None:
-    """Stream a request body to next-hop, chunk-framed if ``chunked``."""
+def send_body(sock: socket.socket, body: RequestBody, chunked: bool) -> None:
+    """Stream a request body to next-hop, chunk-framed if ``chunked``; one
+    of known length by splice(2) where it can."""
+    if not chunked and body.splice_to(sock):
+        return
     if not chunked:
         for chunk in body:
             send_all(sock, chunk)

@@ -523,3 +523,17 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
         sock.sendall(data)
     except OSError:
         pass
+
+
+def test_content_length_body_by_splice_keeps_a_pipelined_request(shared_proxy, origin):
+    """The body goes by splice(2) past Gunicorn; what the client sent after
+    it (the next request, in the same segment) is still served."""
+    data = os.urandom(300_000)
+    head = f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+    raw = raw_exchange(
+        shared_proxy.port, head + data + b"GET /after-splice HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 200") and raw.count(b"HTTP/1.1 200") == 2, raw[:200]
+    upload = next(r for r in reversed(origin.requests) if r.target == "/upload" and r.body_length == len(data))
+    assert upload.body_sha256 == hashlib.sha256(data).hexdigest()
+    assert any(r.target == "/after-splice" for r in origin.requests)

@@ -1,0 +1,97 @@
+"""Request bodies moved from the client's socket to next-hop's with splice(2).
+
+A request body of known length needs no inspection on its way to next-hop:
+the bytes only have to arrive, in order and exactly as many as promised. So
+they go socket -> pipe -> socket inside the kernel and never enter Python,
+instead of a recv into a buffer and a send out of it, 64 KiB at a time.
+Both sockets are gevent's, non-blocking at the descriptor: when a side
+would block, the greenlet waits on the event loop (gevent's public
+``wait_read``/``wait_write``) with that socket's own timeout.
+
+Each transfer takes a pipe from this process's pool and gives it back only
+when it ended clean (the pipe empty); a transfer that failed closes its
+pipe, since bytes may be left inside. The pool holds one pipe per transfer
+in flight at its peak, never more than ``POOL_SIZE``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+
+from gevent.socket import wait_read, wait_write  # type: ignore[import-untyped]
+
+__all__ = ["AVAILABLE", "PIPE_BYTES", "POOL_SIZE", "SourceError", "move"]
+
+#: Whether this platform has splice(2) (Linux; Python 3.10 and later).
+AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+#: The size each pipe is asked for (Linux's default limit for unprivileged
+#: processes, /proc/sys/fs/pipe-max-size); a pipe keeps what it was given.
+PIPE_BYTES = 1024 * 1024
+#: Idle pipes a process keeps for the next transfers.
+POOL_SIZE = 64
+
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_pool: list[tuple[int, int, int]] = []
+
+
+class SourceError(Exception):
+    """The client's side failed: it closed early, went silent past its
+    socket's timeout, or its socket broke. Next-hop's side raises OSError."""
+
+
+def _pipe() -> tuple[int, int, int]:
+    """A pipe from the pool, or a new one: (read end, write end, capacity)."""
+    if _pool:
+        return _pool.pop()
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        capacity = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:  # a lower pipe-max-size: the default size works too
+        capacity = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    return r, w, capacity
+
+
+def move(src: socket.socket, dst: socket.socket, length: int) -> Iterator[int]:
+    """Move exactly ``length`` bytes from ``src`` to ``dst``; yields how many
+    reached ``dst`` at each step (for the caller's counts)."""
+    r, w, capacity = _pipe()
+    clean = False
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    in_pipe = 0
+    try:
+        while length or in_pipe:
+            if length and in_pipe < capacity:
+                try:
+                    n = os.splice(src_fd, w, min(length, capacity - in_pipe), flags=_FLAGS)
+                except BlockingIOError:
+                    n = -1
+                except OSError as exc:
+                    raise SourceError(f"reading the request body failed: {exc!r}") from exc
+                if n == 0:
+                    raise SourceError(f"the client closed its body {length} bytes short of its Content-Length")
+                if n > 0:
+                    length -= n
+                    in_pipe += n
+                elif not in_pipe:
+                    try:
+                        wait_read(src_fd, timeout=src.gettimeout())
+                    except OSError as exc:  # socket.timeout included
+                        raise SourceError(f"reading the request body failed: {exc!r}") from exc
+                    continue
+            try:
+                n = os.splice(r, dst_fd, in_pipe, flags=_FLAGS)
+            except BlockingIOError:
+                wait_write(dst_fd, timeout=dst.gettimeout())  # socket.timeout: next-hop stopped reading
+                continue
+            in_pipe -= n
+            yield n
+        clean = True
+    finally:
+        if clean and len(_pool) < POOL_SIZE:
+            _pool.append((r, w, capacity))
+        else:
+            os.close(r)
+            os.close(w)
