@@ -202,7 +202,6 @@ PIECES: tuple[Piece, ...] = (
     # Gunicorn: a Content-Length body taken over by splice(2).
     Piece("gunicorn", "gunicorn.http.body", "Body", Class(), "bodies by splice"),
     Piece("gunicorn", "gunicorn.http.body", "Body.buf", InstanceAttribute(), "bodies by splice"),
-    Piece("gunicorn", "gunicorn.http.body", "Body.failed", InstanceAttribute(), "bodies by splice"),
     Piece("gunicorn", "gunicorn.http.body", "LengthReader", Class(), "bodies by splice"),
     Piece("gunicorn", "gunicorn.http.body", "LengthReader.length", InstanceAttribute(), "bodies by splice"),
     Piece("gunicorn", "gunicorn.http.unreader", "SocketUnreader", Class(), "bodies by splice"),
@@ -352,21 +351,13 @@ def client_read_ahead(environ: Mapping[str, Any]) -> bytes:
     return b""
 
 
+@dataclass(frozen=True, slots=True)
 class TakenBody:
     """A Content-Length body taken over from Gunicorn (``take_length_body``)."""
 
-    __slots__ = ("held", "remaining", "sock", "_input")
-
-    def __init__(self, held: bytes, remaining: int, sock: socket.socket, wsgi_input: Any) -> None:
-        self.held = held  #: the start of the body, already read by Gunicorn
-        self.remaining = remaining  #: bytes of the body still on the socket
-        self.sock = sock  #: the client's socket
-        self._input = wsgi_input
-
-    def failed(self) -> None:
-        """The rest did not all arrive: Gunicorn must not read the next
-        request from this connection (it would start mid-body)."""
-        self._input.failed = True
+    held: bytes  #: the start of the body, already read by Gunicorn
+    remaining: int  #: bytes of the body still on the socket
+    sock: socket.socket  #: the client's socket
 
 
 def take_length_body(wsgi_input: object) -> TakenBody | None:
@@ -390,7 +381,7 @@ def take_length_body(wsgi_input: object) -> TakenBody | None:
         unreader.unread(buffered[remaining:])
         buffered = buffered[:remaining]
     reader.length = 0
-    return TakenBody(held + buffered, remaining - len(buffered), unreader.sock, wsgi_input)
+    return TakenBody(held + buffered, remaining - len(buffered), unreader.sock)
 
 
 class QuietAccessLogger(_GunicornLogger):  # type: ignore[misc]

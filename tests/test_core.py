@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port, raw_exchange, rss_kib, wait_for
@@ -537,3 +538,26 @@ def test_content_length_body_by_splice_keeps_a_pipelined_request(shared_proxy, o
     upload = next(r for r in reversed(origin.requests) if r.target == "/upload" and r.body_length == len(data))
     assert upload.body_sha256 == hashlib.sha256(data).hexdigest()
     assert any(r.target == "/after-splice" for r in origin.requests)
+
+
+def test_content_length_body_goes_through_a_pipe(make_proxy, origin):
+    """splice(2) needs a pipe: a worker gets one at its first Content-Length
+    body (a chunked one is copied and needs none) and keeps it for the next."""
+    proxy = make_proxy()
+    (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
+
+    def pipes() -> set[str]:
+        return {os.readlink(fd) for fd in Path(f"/proc/{worker}/fd").iterdir()} - {""}
+
+    conn = proxy.connection()
+    conn.request("PUT", "/upload", body=iter([b"a" * 5000, b"b" * 5000]), encode_chunked=True)
+    assert conn.getresponse().read() is not None
+    before = {p for p in pipes() if p.startswith("pipe:")}
+    data = os.urandom(200_000)
+    for _ in range(3):
+        conn.request("POST", "/upload", body=data)
+        assert conn.getresponse().read() is not None
+        assert origin.last().body_sha256 == hashlib.sha256(data).hexdigest()
+    after = {p for p in pipes() if p.startswith("pipe:")}
+    assert len(after - before) == 1, (before, after)  # one pipe (two ends, one inode), kept
+    conn.close()
