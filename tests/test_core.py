@@ -561,3 +561,20 @@ def test_content_length_body_goes_through_a_pipe(make_proxy, origin):
     after = {p for p in pipes() if p.startswith("pipe:")}
     assert len(after - before) == 1, (before, after)  # one pipe (two ends, one inode), kept
     conn.close()
+
+
+def test_the_worker_reads_each_gunicorn_setting_once():
+    """A serving worker reads Gunicorn's settings through a snapshot: the same
+    values as the Config, each looked up there once (see SettingsSnapshot)."""
+    from gunicorn.config import Config
+
+    from proxy.worker import SettingsSnapshot
+
+    cfg = Config()
+    cfg.set("keepalive", 7)
+    snapshot = SettingsSnapshot(cfg)
+    for name in cfg.settings:
+        assert getattr(snapshot, name) == getattr(cfg, name), name
+    assert (snapshot.is_ssl, snapshot.forwarded_allow_networks()) == (cfg.is_ssl, cfg.forwarded_allow_networks())
+    cfg.set("keepalive", 9)  # a worker's settings never change; the snapshot keeps its first read
+    assert snapshot.keepalive == 7 and "keepalive" in vars(snapshot)
