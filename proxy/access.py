@@ -54,6 +54,7 @@ class AccessRecord:
         "tunnel_end",
         "error",
         "cache_status",
+        "before_cut",
     )
 
     def __init__(self, environ: MutableMapping[str, Any]) -> None:
@@ -85,6 +86,9 @@ class AccessRecord:
         self.error: str | None = None
         #: What the cache did (``proxy.cache``); None without a cache.
         self.cache_status: str | None = None
+        #: Run by ``cut_short`` before the client sees the cut (the cache
+        #: abandons its fill: no later request may follow a failed one).
+        self.before_cut: Callable[[], None] | None = None
 
     def start_response(self, start_response: StartResponse) -> StartResponse:
         """Wrap the server's start_response to note status and headers."""
@@ -130,6 +134,8 @@ class AccessRecord:
             sent,
             extra={"request_id": self.request_id},
         )
+        if self.before_cut is not None:
+            self.before_cut()
         try:
             environ["gunicorn.socket"].shutdown(socket.SHUT_RDWR)
         except (KeyError, OSError):

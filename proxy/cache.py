@@ -635,6 +635,9 @@ class _FillBody:
         self._length = length
         self._exchange = exchange
         self._claim = claim
+        # Abandoned before the client's connection is cut, not after: a
+        # client quick to ask again must not follow this failed fill.
+        exchange.before_cut = fill.abandon
 
     def __iter__(self) -> Iterator[bytes]:
         fill, length, exchange, claim = self._fill, self._length, self._exchange, self._claim
