@@ -276,13 +276,15 @@ class Upstream:
             connect_s = 0.0
             phase = "connect"
             try:
+                sock = conn.sock
                 if not reused:
                     began = time.perf_counter()
                     conn.connect()
                     connect_s = time.perf_counter() - began
+                    sock = conn.sock
+                    # Kept while pooled: nothing else sets a pooled socket's timeout.
+                    sock.settimeout(self.read_timeout)
                 metrics.upstream_connection(reused)
-                sock = conn.sock
-                sock.settimeout(self.read_timeout)
                 phase = "send"
                 send_all(sock, data)
                 if body is not None:

@@ -396,12 +396,25 @@ def test_unresolvable_next_hop_is_502_with_a_reason(make_proxy):
     assert len(errors) == 1 and "cannot resolve next-hop" in errors[0]["message"], errors
 
 
-def test_silent_next_hop_is_504_after_the_read_timeout(make_proxy):
-    proxy = make_proxy(env={"PROXY_LOG_TARGET": "stdout"}, config="[upstream]\nread_timeout = 1\n")
+@pytest.mark.parametrize("pooled", [False, True])
+def test_silent_next_hop_is_504_after_the_read_timeout(make_proxy, origin, pooled):
+    """On a new upstream connection, and on a pooled one (its timeout set when
+    it was new: a socket left at the connect timeout would wait 8 s)."""
+    config = "[upstream]\nread_timeout = 1\nconnect_timeout = 8\n"
+    proxy = make_proxy(env={"PROXY_LOG_TARGET": "stdout"}, config=config)
+    conn = proxy.connection()
+    if pooled:  # one client connection: one worker, whose next request reuses this upstream connection
+        conn.request("GET", "/warm")
+        warmed = conn.getresponse()
+        assert warmed.read() and warmed.status == 200
     started = time.monotonic()
-    response, _ = proxy.request("GET", "/stall")
+    conn.request("GET", "/stall")
+    response = conn.getresponse()
     assert response.status == 504
-    assert 0.9 < time.monotonic() - started < 10
+    assert 0.9 < time.monotonic() - started < 5
+    if pooled:
+        warm, stall = ([r for r in origin.requests if r.target == t][-1] for t in ("/warm", "/stall"))
+        assert stall.conn == warm.conn
     errors = [e for e in _error_lines(proxy) if e["level"] == "ERROR"]
     assert len(errors) == 1 and "within 1s" in errors[0]["message"], errors
 
