@@ -11,6 +11,14 @@ Request path, outermost first:
    next-hop or the cache answered.
 5. The cache layer, if enabled (``proxy.cache``).
 6. ``Proxy.forward``: stream the request to next-hop and the answer back.
+
+On the way back, ``Proxy.__call__`` sees what the layers above ``forward``
+made of the body. next-hop's own relay (``_Relay``), untouched, with a
+Content-Length body still to come, goes to the server as a ``Region``
+(``_Spliced``), which the worker's response splices from next-hop's socket
+to the client's (``proxy.splice``); anything else is iterated by the server
+block by block, as the layer that made it iterates next-hop's body (the
+cache storing it, a middleware reading it).
 """
 
 from __future__ import annotations
@@ -49,10 +57,10 @@ from .headers import (
 )
 from .logs import error_log
 from .request_body import BodyTooLarge, ClientBodyError, request_body
-from .sendfile import FileRegion
+from .sendfile import Region
 from .sockets import BLOCK_SIZE
 from .tunnel import ALREADY_HANDLED, tunnel
-from .upstream import Response, ResponseError, Upstream, UpstreamError
+from .upstream import BodyCut, Response, ResponseError, Upstream, UpstreamError
 
 __all__ = ["LINGER_SECONDS", "Proxy", "create_app", "respond"]
 
@@ -93,11 +101,11 @@ class _Logged:
             exchange.log()
 
 
-def _logged_file(body: Any, exchange: AccessRecord) -> Iterable[bytes]:
-    """A body from a file (the cache's hits, ``proxy.sendfile``), given back
-    to the server as the WSGI file wrapper it is, so that it can go by
-    sendfile(2); the access line is written on close with what was sent."""
-    region: FileRegion = body.filelike
+def _logged_region(body: Any, exchange: AccessRecord) -> Iterable[bytes]:
+    """A body the server's response can send itself (a ``Region``: a cache
+    hit's file, next-hop's spliced body), in the WSGI file wrapper the server
+    knows it by; the access line is written on close with what was sent."""
+    region: Region = body.filelike
 
     def close() -> None:
         try:
@@ -252,8 +260,13 @@ class Proxy:
             exchange.log()
             return body
         wrapper = environ.get("wsgi.file_wrapper")
-        if wrapper and isinstance(body, wrapper) and isinstance(getattr(body, "filelike", None), FileRegion):
-            return _logged_file(body, exchange)
+        if wrapper:
+            if isinstance(body, _Relay):  # next-hop's body, nothing above read it
+                spliced = body.spliced()
+                if spliced is not None:
+                    return _logged_region(wrapper(spliced, BLOCK_SIZE), exchange)
+            elif isinstance(body, wrapper) and isinstance(getattr(body, "filelike", None), Region):
+                return _logged_region(body, exchange)
         if environ.get("proxy.linger"):
             return _LingeringClose(_Logged(body, exchange), environ["gunicorn.socket"])
         return _Logged(body, exchange)
@@ -423,12 +436,68 @@ class _Relay:
         try:
             while chunk := read1():
                 yield chunk
-        except (ResponseError, OSError) as exc:
-            self._exchange.cut_short(f"next-hop failed mid-response ({exc!r})", self._exchange.body_bytes)
+        except _BODY_FAILED as exc:
+            self.cut(exc, self._exchange.body_bytes)
+
+    def spliced(self) -> _Spliced | None:
+        """The body as a region for the server's response to splice from
+        next-hop's socket to the client's, when it has a Content-Length and
+        bytes of it are still to come (``Response.splice_length``); None for
+        any other body, which is iterated."""
+        length = self._response.head.length
+        if length is None or not self._response.splice_length():
+            return None
+        return _Spliced(self, self._response, length)
+
+    def cut(self, exc: Exception, sent: int) -> None:
+        """next-hop failed after ``sent`` body bytes: cut the client off."""
+        self._exchange.cut_short(f"next-hop failed mid-response ({exc!r})", sent)
 
     def close(self) -> None:
         self._exchange.upstream_end = time.perf_counter()
         self._response.release()
+
+
+#: What reading next-hop's body raises when it breaks off (``Response.read1``).
+_BODY_FAILED = (ResponseError, OSError)
+
+
+class _Spliced(Region):
+    """A relayed Content-Length body the worker's response sends itself:
+    next-hop's socket -> pipe -> client's socket (``Response.splice_to``),
+    with the same failure semantics as ``_Relay``'s blocks. With Gunicorn's
+    ``sendfile`` setting off the server reads it in blocks instead, as the
+    relay would yield them."""
+
+    __slots__ = ("_relay", "_response")
+
+    def __init__(self, relay: _Relay, response: Response, length: int) -> None:
+        super().__init__(length)
+        self._relay = relay
+        self._response = response
+
+    def send(self, sock: socket.socket, head: bytes) -> None:
+        try:
+            for moved in self._response.splice_to(sock, head):
+                self.done += moved
+        except BodyCut as exc:  # the client's side failing raises on (client_abort)
+            self.failed = True
+            self._relay.cut(exc.cause, self.done)
+
+    def read(self, size: int = -1) -> bytes:
+        if self.failed:
+            return b""
+        try:
+            data = self._response.read1()
+        except _BODY_FAILED as exc:
+            self.failed = True
+            self._relay.cut(exc, self.done)
+            return b""
+        self.done += len(data)
+        return data
+
+    def close(self) -> None:
+        self._relay.close()
 
 
 def create_app() -> Proxy:

@@ -13,6 +13,12 @@ copied byte by byte), then ``Signal.END``; ``Signal.NEED_DATA`` whenever it
 needs more bytes first. Anything that could be read two ways raises
 ``ResponseError``. ``reusable`` then tells whether the connection may carry
 another request.
+
+The rest of a Content-Length body may also go from the socket to the client
+without being fed (``proxy.splice``): ``unfed_body`` says how many bytes
+are still to come, and ``bypass`` counts them as read once they went by,
+so that the answer ends (and ``reusable`` is decided) exactly as if they
+had been fed.
 """
 
 from __future__ import annotations
@@ -229,6 +235,29 @@ class ResponseReader:
         """Whether the answer ended exactly, nothing came after it, and its
         framing lets the connection carry another request."""
         return self._state == _DONE and self._keep and self._pos == len(self._buf) and not self._eof
+
+    def unfed_body(self) -> int:
+        """How many bytes of a Content-Length body are still to come beyond
+        those fed: what may go from the socket to the client past the
+        reader (``bypass``). 0 for any other answer (chunked, delimited by
+        the close, without a body), before the head, and once every byte of
+        the body was fed."""
+        if self._state != _LENGTH or self._eof:
+            return 0
+        return max(self._left - (len(self._buf) - self._pos), 0)
+
+    def bypass(self, size: int) -> None:
+        """Count ``size`` bytes of a Content-Length body as read that were
+        never fed (they went from the socket to the client past the reader),
+        once the body bytes the reader held were taken (``next_event``). When
+        none is left the answer has ended, and ``reusable`` says whether the
+        connection may carry another request, as if they had been fed.
+        Raises ValueError for bytes the reader cannot be bypassed for."""
+        if self._state != _LENGTH or self._pos != len(self._buf) or not 0 < size <= self._left:
+            raise ValueError(f"{size} body bytes cannot go past the reader now")
+        self._left -= size
+        if not self._left:
+            self._state = _DONE
 
     def take_buffered(self) -> bytes:
         """The bytes fed and not taken (after a 101, the new protocol's first)."""

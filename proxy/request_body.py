@@ -61,8 +61,10 @@ class RequestBody:
                 self.bytes_read += len(taken.held)
             for moved in splice.move(taken.sock, sock, taken.remaining):
                 self.bytes_read += moved
-        except splice.SourceError as exc:
-            raise ClientBodyError(str(exc)) from exc
+        except splice.SourceError as exc:  # the client's side; next-hop's raises OSError
+            if exc.cause is None:
+                raise ClientBodyError(_short(exc.left)) from exc
+            raise ClientBodyError(_read_failed(exc.cause)) from exc
         finally:
             self.unfinished = self.bytes_read < length
         return True
@@ -75,13 +77,13 @@ class RequestBody:
             try:
                 chunk = read(BLOCK_SIZE if remaining is None else min(BLOCK_SIZE, remaining))
             except Exception as exc:
-                raise ClientBodyError(f"reading the request body failed: {exc!r}") from exc
+                raise ClientBodyError(_read_failed(exc)) from exc
             if not chunk:
                 if remaining:
                     # next-hop was promised ``Content-Length`` bytes: ending
                     # short would let it take the start of the next request
                     # on a pooled connection for the rest of this body.
-                    raise ClientBodyError(f"the client closed its body {remaining} bytes short of its Content-Length")
+                    raise ClientBodyError(_short(remaining))
                 break
             self.bytes_read += len(chunk)
             if remaining is not None:
@@ -109,13 +111,25 @@ class LimitedBody(RequestBody):
             try:
                 chunk = read(min(BLOCK_SIZE, limit - self.bytes_read + 1))
             except Exception as exc:
-                raise ClientBodyError(f"reading the request body failed: {exc!r}") from exc
+                raise ClientBodyError(_read_failed(exc)) from exc
             if not chunk:
                 return
             self.bytes_read += len(chunk)
             if self.bytes_read > limit:
                 raise BodyTooLarge()
             yield chunk
+
+
+# What the log says of a client's body that failed, however it was being read
+# (from Gunicorn's ``wsgi.input``, or spliced past it).
+
+
+def _read_failed(exc: BaseException) -> str:
+    return f"reading the request body failed: {exc!r}"
+
+
+def _short(left: int) -> str:
+    return f"the client closed its body {left} bytes short of its Content-Length"
 
 
 def request_body(environ: Mapping[str, Any], limit: int | None) -> tuple[RequestBody | None, bool]:

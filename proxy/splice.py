@@ -1,12 +1,20 @@
-"""Request bodies moved from the client's socket to next-hop's with splice(2).
+"""Bodies of known length moved between two sockets with splice(2).
 
-A request body of known length needs no inspection on its way to next-hop:
-the bytes only have to arrive, in order and exactly as many as promised. So
-they go socket -> pipe -> socket inside the kernel and never enter Python,
-instead of a recv into a buffer and a send out of it, 64 KiB at a time.
-Both sockets are gevent's, non-blocking at the descriptor: when a side
-would block, the greenlet waits on the event loop (gevent's public
-``wait_read``/``wait_write``) with that socket's own timeout.
+A body of known length needs no inspection on its way through: the bytes
+only have to arrive, in order and exactly as many as promised. So they go
+socket -> pipe -> socket inside the kernel and never enter Python, instead
+of a recv into a buffer and a send out of it, 64 KiB at a time. Both
+directions use ``move``: request bodies from the client to next-hop
+(``RequestBody.splice_to``), response bodies from next-hop to the client
+(``Response.splice_to``, sent by the worker's response). Both sockets are
+gevent's, non-blocking at the descriptor: when a side would block, the
+greenlet waits on the event loop (gevent's public ``wait_read``/
+``wait_write``) with that socket's own timeout.
+
+``move`` knows nothing of which side is which: the source failing raises
+``SourceError`` (neutral: how many bytes were missing, and the socket's
+error if there was one), the destination failing raises its ``OSError``,
+and each caller says what that means for its direction.
 
 Each transfer takes a pipe from this process's pool and gives it back only
 when it ended clean (the pipe empty); a transfer that failed closes its
@@ -23,7 +31,7 @@ from collections.abc import Iterator
 
 from gevent.socket import wait_read, wait_write  # type: ignore[import-untyped]
 
-__all__ = ["AVAILABLE", "PIPE_BYTES", "POOL_SIZE", "SourceError", "move"]
+__all__ = ["AVAILABLE", "PIPE_BYTES", "POOL_SIZE", "SourceError", "move", "send"]
 
 #: Whether this platform has splice(2) (Linux; Python 3.10 and later).
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
@@ -38,8 +46,15 @@ _pool: list[tuple[int, int, int]] = []
 
 
 class SourceError(Exception):
-    """The client's side failed: it closed early, went silent past its
-    socket's timeout, or its socket broke. Next-hop's side raises OSError."""
+    """The source's side failed: it ended ``left`` bytes short of the length
+    (``cause`` None), or went silent past its socket's timeout or its socket
+    broke (``cause`` is that OSError, ``socket.timeout`` included). The
+    destination's side raises its OSError as it is."""
+
+    def __init__(self, left: int, cause: OSError | None = None) -> None:
+        super().__init__(f"the source ended {left} bytes short" if cause is None else f"the source failed: {cause!r}")
+        self.left = left
+        self.cause = cause
 
 
 def _pipe() -> tuple[int, int, int]:
@@ -54,9 +69,15 @@ def _pipe() -> tuple[int, int, int]:
     return r, w, capacity
 
 
-def move(src: socket.socket, dst: socket.socket, length: int) -> Iterator[int]:
-    """Move exactly ``length`` bytes from ``src`` to ``dst``; yields how many
-    reached ``dst`` at each step (for the caller's counts)."""
+def move(src: socket.socket, dst: socket.socket, length: int, prefix: bytes = b"") -> Iterator[int]:
+    """Move exactly ``length`` bytes from ``src`` to ``dst``, after ``prefix``;
+    yields how many bytes reached ``dst`` at each step (``prefix``'s
+    included, for the caller's counts).
+
+    ``prefix`` (a response head) goes with ``MSG_MORE`` right before the
+    first spliced bytes, so that the kernel holds it back and it leaves in
+    the same segment as they do.
+    """
     r, w, capacity = _pipe()
     clean = False
     src_fd, dst_fd = src.fileno(), dst.fileno()
@@ -69,9 +90,9 @@ def move(src: socket.socket, dst: socket.socket, length: int) -> Iterator[int]:
                 except BlockingIOError:
                     n = -1
                 except OSError as exc:
-                    raise SourceError(f"reading the request body failed: {exc!r}") from exc
+                    raise SourceError(length, exc) from exc
                 if n == 0:
-                    raise SourceError(f"the client closed its body {length} bytes short of its Content-Length")
+                    raise SourceError(length)
                 if n > 0:
                     length -= n
                     in_pipe += n
@@ -79,15 +100,20 @@ def move(src: socket.socket, dst: socket.socket, length: int) -> Iterator[int]:
                     try:
                         wait_read(src_fd, timeout=src.gettimeout())
                     except OSError as exc:  # socket.timeout included
-                        raise SourceError(f"reading the request body failed: {exc!r}") from exc
+                        raise SourceError(length, exc) from exc
                     continue
+            if prefix:
+                yield from send(dst, prefix, socket.MSG_MORE)
+                prefix = b""
             try:
                 n = os.splice(r, dst_fd, in_pipe, flags=_FLAGS)
             except BlockingIOError:
-                wait_write(dst_fd, timeout=dst.gettimeout())  # socket.timeout: next-hop stopped reading
+                wait_write(dst_fd, timeout=dst.gettimeout())  # socket.timeout: the destination stopped reading
                 continue
             in_pipe -= n
             yield n
+        if prefix:  # nothing to splice (``length`` 0)
+            yield from send(dst, prefix)
         clean = True
     finally:
         if clean and len(_pool) < POOL_SIZE:
@@ -95,3 +121,14 @@ def move(src: socket.socket, dst: socket.socket, length: int) -> Iterator[int]:
         else:
             os.close(r)
             os.close(w)
+
+
+def send(sock: socket.socket, data: bytes, flags: int = 0) -> Iterator[int]:
+    """Send ``data`` to ``sock`` (gevent's send: the greenlet waits, with the
+    socket's timeout, while its buffer is full); yields how many bytes each
+    send took, for the caller's counts."""
+    view = memoryview(data)
+    while view:
+        sent = sock.send(view, flags)
+        view = view[sent:]
+        yield sent

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from urllib3 import HTTPConnectionPool, PoolManager
@@ -34,16 +35,18 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import Timeout
 
-from . import internals, metrics
+from . import internals, metrics, splice
 from .headers import Header, sendable_head
 from .http1 import Head, NoAnswer, ResponseError, ResponseReader, Signal, parse_head
 from .request_body import RequestBody
 from .sockets import BLOCK_SIZE, send_all
 
 __all__ = [
+    "BodyCut",
     "PooledConnection",
     "Response",
     "ResponseError",
+    "SPLICE_MIN_BYTES",
     "Timing",
     "Upstream",
     "UpstreamError",
@@ -103,10 +106,27 @@ def send_body(sock: socket.socket, body: RequestBody, chunked: bool) -> None:
 # -- the answer -------------------------------------------------------------------------
 
 
+#: The least rest of a response body worth splicing: below one block, copying
+#: it (a recv and a send) takes fewer system calls than a pipe does.
+SPLICE_MIN_BYTES = BLOCK_SIZE
+
+
+class BodyCut(Exception):
+    """next-hop's body broke off while it was spliced (``Response.splice_to``);
+    ``cause`` is what ``read1`` would have raised: the reader's ResponseError
+    (next-hop closed early) or the socket's OSError (``socket.timeout`` past
+    the read timeout included)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
+
+
 class Response:
     """next-hop's answer: the head parsed, the body still on the socket.
 
-    Read the body with ``read1`` until it returns ``b""``, then call
+    Read the body with ``read1`` until it returns ``b""`` (or, for a
+    Content-Length body, send it on with ``splice_to``), then call
     ``release``, which pools the connection only if the reader says the
     answer ended exactly and the connection may carry another request.
     """
@@ -152,12 +172,68 @@ class Response:
                 return b""
             reader.feed(self.sock.recv(BLOCK_SIZE))
 
+    def splice_length(self) -> int:
+        """How many body bytes ``splice_to`` would move past the reader: the
+        rest of a Content-Length body beyond the bytes already received; 0
+        for any other body (chunked, delimited by the close, none), when less
+        than ``SPLICE_MIN_BYTES`` of it is left, or where splice(2) is missing."""
+        left = self._reader.unfed_body()
+        return left if left >= SPLICE_MIN_BYTES and splice.AVAILABLE else 0
+
+    def splice_to(self, sock: socket.socket, head: bytes = b"") -> Iterator[int]:
+        """Send ``head`` (the client's response head), then the body to
+        ``sock``: the bytes already received, then the rest of the
+        Content-Length body straight from next-hop's socket by splice(2)
+        (``proxy.splice.move``, next-hop's side waiting at most the read
+        timeout at a time). Yields how many body bytes reached ``sock`` at
+        each step. Once all of it went through, the reader counts the body as
+        read, so ``release`` pools the connection as if it had been read with
+        ``read1``.
+
+        The head leaves with the first body bytes, as the worker's response
+        sends it: at once with those already received, else corked ahead of
+        the first spliced ones. next-hop failing raises BodyCut; ``sock``
+        failing raises its OSError. Either way the reader is left mid-body,
+        and the connection is not pooled.
+        """
+        reader = self._reader
+        left = self.splice_length()
+        if not left:
+            raise ValueError("no body left for splice(2)")
+        held = reader.next_event()  # the body bytes received with the head, if any
+        if isinstance(held, bytes):
+            yield from _body_part(splice.send(sock, head + held), len(head))
+            head = b""
+        try:
+            yield from _body_part(splice.move(self.sock, sock, left, head), len(head))
+        except splice.SourceError as exc:
+            if exc.cause is not None:
+                raise BodyCut(exc.cause) from exc
+            reader.feed(b"")  # next-hop closed early: what that means is the reader's to say
+            try:
+                reader.next_event()
+            except ResponseError as cut:
+                raise BodyCut(cut) from exc
+            raise AssertionError("the reader took a body cut short for a whole one") from exc
+        reader.bypass(left)
+
     def release(self) -> None:
         """Give the connection back: to the pool if it can carry another
         request, else closed. Idempotent."""
         conn, self._conn = self._conn, None
         if conn is not None:
             self._upstream.check_in(conn, self._dedicated, self._reader.reusable)
+
+
+def _body_part(sent: Iterator[int], head: int) -> Iterator[int]:
+    """The counts of bytes sent, less the first ``head`` bytes: the body's."""
+    for n in sent:
+        if head:
+            part = min(head, n)
+            head -= part
+            n -= part
+        if n:
+            yield n
 
 
 def _read_head(sock: socket.socket, reader: ResponseReader) -> Head:

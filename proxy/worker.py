@@ -16,10 +16,12 @@
    log files on its own.
 5. Fairness and speed: each request yields to the event loop once before
    it is handled; workers spread connections through ``proxy.balance``;
-   the response head leaves with the first body bytes; request bodies are
-   read 64 KiB ahead, not 1 MiB; what was loaded before serving is frozen
-   out of the cyclic garbage collector; Gunicorn's settings are read through
-   a snapshot (``SettingsSnapshot``).
+   the response head leaves with the first body bytes; a body the app hands
+   over as a ``proxy.sendfile.Region`` (a cache hit, next-hop's
+   Content-Length body) is sent without passing through Python; request
+   bodies are read 64 KiB ahead, not 1 MiB; what was loaded before serving
+   is frozen out of the cyclic garbage collector; Gunicorn's settings are
+   read through a snapshot (``SettingsSnapshot``).
 
 Gunicorn's and gevent's private parts are reached through ``proxy.internals``
 only, which checks them before anything here relies on them.
@@ -41,7 +43,7 @@ from . import balance, capture, internals
 from .access import record_rejected
 from .headers import kept_response_fields, request_fields
 from .logs import access_logged, error_log, log_files_moved, serving
-from .sendfile import FileRegion, send_region
+from .sendfile import Region
 from .sockets import BLOCK_SIZE, send_all
 
 __all__ = [
@@ -82,7 +84,8 @@ class ProxyResponse(internals.GunicornResponse):
     origin_server = False
     origin_date = False
     #: Gunicorn's ``sendfile`` setting, read once by the worker (every
-    #: ``can_sendfile`` walks Gunicorn's settings table).
+    #: ``can_sendfile`` walks Gunicorn's settings table); off, no answer goes
+    #: zero-copy (``sendfile``).
     sendfile_on = True
     #: The response head, held back to leave with the first body bytes.
     _head: bytes | None = None
@@ -143,12 +146,15 @@ class ProxyResponse(internals.GunicornResponse):
         send_all(self.sock, data)
 
     def sendfile(self, respiter: object) -> bool:
-        """A stored body (``proxy.sendfile.FileRegion`` in the WSGI file
-        wrapper) goes by sendfile(2), the held-back head corked ahead of it;
-        False (anything else, or sendfile off): Gunicorn iterates the wrapper."""
+        """A body the response sends itself (a ``proxy.sendfile.Region`` in
+        the WSGI file wrapper: a stored body by sendfile(2), next-hop's by
+        splice(2)), the held-back head corked ahead of it. False (anything
+        else, or Gunicorn's ``sendfile`` setting off: no answer goes
+        zero-copy): Gunicorn iterates the wrapper, which reads the region in
+        blocks."""
         region = getattr(respiter, "filelike", None)
         if (
-            not isinstance(region, FileRegion)
+            not isinstance(region, Region)
             or not self.sendfile_on
             or self.chunked
             or self.req.method == "HEAD"
@@ -157,8 +163,8 @@ class ProxyResponse(internals.GunicornResponse):
             return False
         self.send_headers()
         head, self._head = self._head, None
-        send_region(self.sock, head or b"", region)
-        self.sent += region.length
+        region.send(self.sock, head or b"")
+        self.sent += region.done
         return True
 
     def close(self) -> None:

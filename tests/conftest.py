@@ -104,6 +104,18 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
+def pipes(pid: int) -> set[str]:
+    """The pipes a process holds open, one entry per pipe (``pipe:[INODE]``,
+    whichever of its ends): splice(2) moves bytes through one."""
+    links = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            links.add(os.readlink(fd))
+        except OSError:
+            continue
+    return {link for link in links if link.startswith("pipe:")}
+
+
 def socket_inode(local_port: int, remote_port: int) -> int | None:
     """The inode of the TCP socket with these local and remote ports (IPv4)."""
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:

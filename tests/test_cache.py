@@ -15,7 +15,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from conftest import Proxy, wait_for
+from conftest import Proxy, pipes, wait_for
 from origin import pattern_bytes
 
 from proxy import cache_store
@@ -186,6 +186,31 @@ def test_authorization_only_with_public(cached, origin):
     public = cache_url("authpublic", "Cache-Control:public, max-age=60")
     get(cached, public, auth)
     assert statuses(get(cached, public, auth)[0])[0].startswith("edge-proxy; hit")
+
+
+def test_a_large_answer_is_stored_whole_and_one_not_stored_goes_by_splice(make_proxy, tmp_path, origin):
+    """The cache reads the body it stores (no splice: the bytes pass through
+    it); a body it does not store goes next-hop -> pipe -> client as
+    without the cache; both arrive byte-exact, and the hit is the whole body."""
+    proxy = make_proxy(env={"PROXY_CACHE_DIR": str(tmp_path / "cache")}, config=CACHE_ON)
+    (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
+    size = 3 * 1024 * 1024 + 5
+    warm = cache_url("splice-warm", chunked="1")  # no pipe for a chunked answer
+    assert get(proxy, warm)[0].status == 200
+    before = pipes(worker)
+    stored = cache_url("splice-stored", "Cache-Control:max-age=300", size=str(size))
+    response, body = get(proxy, stored)
+    assert statuses(response) == ["edge-proxy; fwd=uri-miss; stored; ttl=300"] and body == pattern_bytes(size)
+    assert pipes(worker) == before
+    response, body = get(proxy, stored)
+    assert statuses(response)[0].startswith("edge-proxy; hit") and body == pattern_bytes(size)
+    assert origin.cache_count(stored.split("?")[0]) == 1
+    passed = cache_url("splice-not-stored", size=str(size))  # no freshness: not stored
+    for _ in range(2):
+        response, body = get(proxy, passed)
+        assert "stored" not in statuses(response)[0] and body == pattern_bytes(size)
+    assert origin.cache_count(passed.split("?")[0]) == 2
+    assert len(pipes(worker) - before) == 1
 
 
 # -- request directives, Age, validation ----------------------------------------------

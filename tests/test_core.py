@@ -15,10 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, raw_exchange, rss_kib, wait_for
+from conftest import ROOT, free_port, pipes, raw_exchange, rss_kib, wait_for
 from origin import Origin, pattern_bytes
 
 # -- 1. streaming ------------------------------------------------------------------
@@ -558,20 +557,16 @@ def test_content_length_body_goes_through_a_pipe(make_proxy, origin):
     body (a chunked one is copied and needs none) and keeps it for the next."""
     proxy = make_proxy()
     (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
-
-    def pipes() -> set[str]:
-        return {os.readlink(fd) for fd in Path(f"/proc/{worker}/fd").iterdir()} - {""}
-
     conn = proxy.connection()
     conn.request("PUT", "/upload", body=iter([b"a" * 5000, b"b" * 5000]), encode_chunked=True)
     assert conn.getresponse().read() is not None
-    before = {p for p in pipes() if p.startswith("pipe:")}
+    before = pipes(worker)
     data = os.urandom(200_000)
     for _ in range(3):
         conn.request("POST", "/upload", body=data)
         assert conn.getresponse().read() is not None
         assert origin.last().body_sha256 == hashlib.sha256(data).hexdigest()
-    after = {p for p in pipes() if p.startswith("pipe:")}
+    after = pipes(worker)
     assert len(after - before) == 1, (before, after)  # one pipe (two ends, one inode), kept
     conn.close()
 
@@ -591,3 +586,205 @@ def test_the_worker_reads_each_gunicorn_setting_once():
     assert (snapshot.is_ssl, snapshot.forwarded_allow_networks()) == (cfg.is_ssl, cfg.forwarded_allow_networks())
     cfg.set("keepalive", 9)  # a worker's settings never change; the snapshot keeps its first read
     assert snapshot.keepalive == 7 and "keepalive" in vars(snapshot)
+
+
+# -- 9. response bodies by splice(2) -------------------------------------------------------
+
+
+def _records(proxy) -> list[dict]:
+    return [json.loads(line) for line in proxy.access_log().splitlines() if line]
+
+
+def _record(proxy, request_id: str) -> dict:
+    return wait_for(
+        lambda: next((r for r in _records(proxy) if r["request_id"] == request_id), None),
+        what=f"the access line of {request_id}",
+    )
+
+
+def _errors(proxy) -> list[dict]:
+    lines = [json.loads(line) for line in proxy.error_log().splitlines() if line.startswith("{")]
+    return [e for e in lines if e["level"] == "ERROR"]
+
+
+def _warm_up(conn: http.client.HTTPConnection) -> None:
+    """A first request that needs no pipe (a chunked answer), so that what the
+    worker opens for its first upstream connection is open before counting."""
+    conn.request("GET", "/chunked/1000")
+    assert conn.getresponse().read() == pattern_bytes(1000)
+
+
+def _get(conn: http.client.HTTPConnection, path: str, request_id: str, method: str = "GET"):
+    conn.request(method, path, headers={"X-Request-Id": request_id})
+    response = conn.getresponse()
+    return response, response.read()
+
+
+def test_content_length_download_goes_through_a_pipe_on_a_kept_alive_connection(make_proxy):
+    """next-hop -> pipe -> client: a worker gets a pipe at its first
+    Content-Length download whose body was not all read with the head, and
+    keeps it; the bodies arrive byte-exact, one after the other on one client
+    connection, on one reused upstream connection; the access lines and the
+    byte counter count every body byte."""
+    own_origin = Origin().start()
+    try:
+        proxy = make_proxy(origin_server=own_origin)
+        (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
+        conn = proxy.connection()
+        _warm_up(conn)
+        before = pipes(worker)
+        sizes = [3 * 1024 * 1024 + 7, 1024 * 1024, 200_001]
+        for i, size in enumerate(sizes):
+            response, body = _get(conn, f"/bytes/{size}", f"down-{i}")
+            assert response.status == 200 and response.getheader("Content-Length") == str(size)
+            assert body == pattern_bytes(size), i
+            assert response.getheader("X-Origin-Conn") == "1"
+        assert len(pipes(worker) - before) == 1, (before, pipes(worker))
+        assert own_origin.connections == 1
+        for i, size in enumerate(sizes):
+            record = _record(proxy, f"down-{i}")
+            assert record["outcome"] == "ok" and record["status"] in (200, "200")
+            assert record["response_body_bytes"] == size
+        conn.close()
+        from test_metrics import wait_value
+
+        total = sum(sizes) + 1000
+        wait_value(proxy, "proxy_response_body_bytes_total", total)
+        wait_value(proxy, "proxy_upstream_connections_total", 1, state="opened")
+        wait_value(proxy, "proxy_upstream_connections_total", 3, state="reused")
+    finally:
+        own_origin.stop()
+
+
+def test_with_gunicorn_sendfile_off_downloads_are_copied_not_spliced(make_proxy):
+    """Gunicorn's ``sendfile`` setting off is the operator's "no zero-copy"
+    switch: next-hop's bodies go through Python in blocks, as before."""
+    proxy = make_proxy(env={"GUNICORN_CMD_ARGS": "--no-sendfile"})
+    (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
+    conn = proxy.connection()
+    _warm_up(conn)
+    before = pipes(worker)
+    for i in range(2):
+        response, body = _get(conn, "/bytes/2000003", f"copied-{i}")
+        assert body == pattern_bytes(2000003)
+    assert pipes(worker) == before
+    assert _record(proxy, "copied-1")["response_body_bytes"] == 2000003
+    conn.close()
+
+
+def test_bodiless_chunked_and_small_answers_do_not_take_the_splice_path(make_proxy):
+    proxy = make_proxy()
+    (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
+    conn = proxy.connection()
+    _warm_up(conn)
+    conn.close()
+    before = pipes(worker)
+    for method, path, status in [
+        ("HEAD", "/bytes/500000", 200),
+        ("GET", "/status/204", 204),
+        ("GET", "/status/304", 304),
+    ]:
+        raw = raw_exchange(proxy.port, f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status}".encode()) and rest == b"", (path, raw[:200])
+    response, body = proxy.request("GET", "/chunked/300000")
+    assert response.getheader("Transfer-Encoding") == "chunked" and body == pattern_bytes(300000)
+    # Nor does a Content-Length body with less than a block left after its head: it is copied.
+    assert proxy.request("GET", "/bytes/60000")[1] == pattern_bytes(60000)
+    assert pipes(worker) == before
+    # The control: a Content-Length body does.
+    assert proxy.request("GET", "/bytes/500000")[1] == pattern_bytes(500000)
+    assert len(pipes(worker) - before) == 1
+
+
+def test_next_hop_closing_mid_spliced_body_truncates_the_client_connection(make_proxy):
+    own_origin = Origin().start()
+    try:
+        proxy = make_proxy(origin_server=own_origin)
+        (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
+        _warm_up(proxy.connection())
+        before = pipes(worker)
+        conn = proxy.connection()
+        conn.request("GET", "/truncate/400000", headers={"X-Request-Id": "cut"})
+        response = conn.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead) as raised:
+            response.read()
+        assert raised.value.partial == pattern_bytes(200_000)  # what next-hop sent, and no more
+        assert len(pipes(worker) - before) == 1  # it went by splice
+        record = _record(proxy, "cut")
+        assert record["outcome"] == "upstream_error" and record["response_body_bytes"] == 200_000
+        (error,) = _errors(proxy)
+        assert "next-hop failed mid-response (ResponseError(" in error["message"], error
+        assert "before the end of the body" in error["message"] and "after 200000 body bytes" in error["message"]
+        # The worker lives on, on a new upstream connection.
+        response, body = proxy.request("GET", "/bytes/300000")
+        assert body == pattern_bytes(300000) and response.getheader("X-Origin-Conn") == "2"
+        assert proxy.workers() == [worker]
+    finally:
+        own_origin.stop()
+
+
+def test_next_hop_stalling_mid_spliced_body_is_cut_after_the_read_timeout(make_proxy):
+    own_origin = Origin().start()
+    path = "/cache/stall-mid-body"
+    try:
+        proxy = make_proxy(origin_server=own_origin, config="[upstream]\nread_timeout = 1\n")
+        (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
+        _warm_up(proxy.connection())
+        before = pipes(worker)
+        conn = proxy.connection(timeout=30)
+        started = time.monotonic()
+        conn.request("GET", f"{path}?size=400000&hold=body", headers={"X-Request-Id": "stall"})
+        response = conn.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead) as raised:
+            response.read()
+        assert 0.9 < time.monotonic() - started < 10
+        assert raised.value.partial == pattern_bytes(200_000)
+        assert len(pipes(worker) - before) == 1
+        record = _record(proxy, "stall")
+        assert record["outcome"] == "upstream_error" and record["response_body_bytes"] == 200_000
+        (error,) = _errors(proxy)
+        assert "next-hop failed mid-response (TimeoutError('timed out'))" in error["message"], error
+        assert "after 200000 body bytes" in error["message"]
+        own_origin.hold(path).set()
+        # The stalled connection was closed, not pooled: the next request opens another.
+        response, body = proxy.request("GET", "/bytes/300000")
+        assert body == pattern_bytes(300000) and response.getheader("X-Origin-Conn") == "2"
+    finally:
+        own_origin.hold(path).set()
+        own_origin.stop()
+
+
+def test_client_abort_mid_spliced_download_closes_the_upstream_connection(make_proxy):
+    own_origin = Origin().start()
+    try:
+        proxy = make_proxy(origin_server=own_origin)
+        (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
+        _warm_up(proxy.connection())
+        before = pipes(worker)
+        size = 256 * 1024 * 1024
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        sock.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\nX-Request-Id: abort\r\n\r\n".encode())
+        received = b""
+        while len(received) < 1024 * 1024:
+            received += sock.recv(65536)
+        sock.close()  # unread bytes: the proxy gets a reset
+        wait_for(lambda: own_origin.closed_events, timeout=10, what="the upstream connection to close")
+        record = _record(proxy, "abort")
+        assert record["outcome"] == "client_abort", record
+        head_length = received.index(b"\r\n\r\n") + 4
+        assert len(received) - head_length <= record["response_body_bytes"] < size
+        assert len(pipes(worker) - before) == 1
+        assert not _errors(proxy), _errors(proxy)
+        # The worker lives on; the next request opens a new upstream connection, the one after reuses it.
+        conn = proxy.connection()
+        for i in range(2):
+            response, body = _get(conn, "/bytes/1048576", f"after-{i}")
+            assert body == pattern_bytes(1048576) and response.getheader("X-Origin-Conn") == "2"
+        conn.close()
+        assert own_origin.connections == 2
+        assert proxy.workers() == [worker]
+    finally:
+        own_origin.stop()

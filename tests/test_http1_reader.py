@@ -282,3 +282,94 @@ def test_101_is_refused_unless_an_upgrade_was_asked():
     answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"
     assert run([answer])[0] is ResponseError
     assert run([answer], upgrade=True)[0][0].status == 101
+
+
+# -- a Content-Length body that goes past the reader (splice) --------------------------------
+
+
+def _reader_after(data: bytes, method: str = "GET") -> ResponseReader:
+    """A reader fed ``data``, its head taken."""
+    reader = ResponseReader(method)
+    reader.feed(data)
+    assert isinstance(reader.next_event(), Head)
+    return reader
+
+
+def test_the_rest_of_a_content_length_body_can_bypass_the_reader():
+    reader = _reader_after(OK_HEAD + b"Content-Length: 1000\r\n\r\n" + b"x" * 100)
+    assert reader.unfed_body() == 900
+    assert reader.next_event() == b"x" * 100  # the bytes held go first
+    assert reader.unfed_body() == 900
+    reader.bypass(400)
+    assert reader.unfed_body() == 500 and not reader.reusable
+    reader.bypass(500)
+    assert reader.unfed_body() == 0
+    assert reader.next_event() is Signal.END and reader.reusable
+
+
+def test_a_body_bypassed_from_its_first_byte_ends_exactly():
+    reader = _reader_after(OK_HEAD + b"Content-Length: 70000\r\n\r\n")
+    assert reader.unfed_body() == 70000
+    assert reader.next_event() is Signal.NEED_DATA
+    reader.bypass(70000)
+    assert reader.next_event() is Signal.END and reader.reusable
+
+
+def test_a_bypassed_body_of_an_answer_asking_to_close_is_not_reusable():
+    reader = _reader_after(OK_HEAD + b"Connection: close\r\nContent-Length: 10\r\n\r\n")
+    reader.bypass(10)
+    assert reader.next_event() is Signal.END and not reader.reusable
+
+
+def test_a_bypass_cut_short_by_the_end_of_the_stream_is_an_error():
+    reader = _reader_after(OK_HEAD + b"Content-Length: 1000\r\n\r\n" + b"x" * 100)
+    reader.next_event()
+    reader.bypass(300)
+    reader.feed(b"")
+    with pytest.raises(ResponseError, match="before the end of the body"):
+        reader.next_event()
+    assert not reader.reusable and reader.unfed_body() == 0
+
+
+def test_bytes_held_must_be_taken_before_a_bypass_and_no_more_than_the_rest_bypassed():
+    reader = _reader_after(OK_HEAD + b"Content-Length: 1000\r\n\r\n" + b"x" * 100)
+    with pytest.raises(ValueError):
+        reader.bypass(900)  # the 100 held bytes are not taken yet
+    reader.next_event()
+    with pytest.raises(ValueError):
+        reader.bypass(901)
+    with pytest.raises(ValueError):
+        reader.bypass(0)
+    reader.bypass(900)
+    with pytest.raises(ValueError):
+        reader.bypass(1)  # the body has ended
+
+
+@pytest.mark.parametrize(
+    ("answer", "method"),
+    [
+        (OK_HEAD + b"Content-Length: 5\r\n\r\nhello", "GET"),  # all of it fed
+        (OK_HEAD + b"Content-Length: 5\r\n\r\nhelloEXTRA", "GET"),  # and more
+        (OK_HEAD + b"Content-Length: 0\r\n\r\n", "GET"),
+        (OK_HEAD + b"Content-Length: 5000\r\n\r\n", "HEAD"),
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 5000\r\n\r\n", "GET"),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5000\r\n\r\n", "GET"),
+        (OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhel", "GET"),
+        (OK_HEAD + b"X-A: b\r\n\r\nuntil close", "GET"),
+    ],
+    ids=["all-fed", "all-fed-and-more", "empty", "head", "204", "304", "chunked", "close-delimited"],
+)
+def test_only_a_content_length_body_still_to_come_can_bypass_the_reader(answer, method):
+    reader = _reader_after(answer, method)
+    assert reader.unfed_body() == 0
+    with pytest.raises(ValueError):
+        reader.bypass(1)
+
+
+def test_nothing_bypasses_a_reader_before_the_head_or_after_the_stream_ended():
+    reader = ResponseReader("GET")
+    reader.feed(OK_HEAD + b"Content-Le")
+    assert reader.unfed_body() == 0
+    reader = _reader_after(OK_HEAD + b"Content-Length: 1000\r\n\r\n")
+    reader.feed(b"")
+    assert reader.unfed_body() == 0
