@@ -2,9 +2,13 @@
 """A tiny origin that counts its requests, for the cache stampede scenario.
 
 ``GET /count`` answers how many other requests arrived; ``GET /1k`` 1 KiB
-(the readiness check, not counted); anything else 1 MiB with
-``Cache-Control: max-age=1`` after a short delay, so that concurrent misses
-overlap the fill. Usage: counting_origin.py PORT.
+(the readiness check, not counted); anything else 1 MiB after a short
+delay, so that concurrent misses overlap the fill: the first answer with
+``Cache-Control: max-age=1`` (stored, then left to expire), every later
+one with ``max-age=3600``, so that the entry the stampede refreshes cannot
+expire again while the stampede lasts (on a slow machine it can take more
+than a second, and clients asking after that would count as new misses).
+Usage: counting_origin.py PORT.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         with _lock:
             _count += 1
+            first = _count == 1
         time.sleep(DELAY_S)
         self.send_response(200)
         self.send_header("Content-Length", str(len(BODY)))
-        self.send_header("Cache-Control", "max-age=1")
+        self.send_header("Cache-Control", "max-age=1" if first else "max-age=3600")
         self.end_headers()
         self.wfile.write(BODY)
 
