@@ -614,6 +614,15 @@ def _warm_up(conn: http.client.HTTPConnection) -> None:
     assert conn.getresponse().read() == pattern_bytes(1000)
 
 
+def _warmed(make_proxy, origin: Origin, config: str | None = None):
+    """A one-worker proxy in front of ``origin``, warmed up: (proxy, its
+    worker's pid, the pipes that worker has open before the test's request)."""
+    proxy = make_proxy(origin_server=origin, config=config)
+    (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
+    _warm_up(proxy.connection())
+    return proxy, worker, pipes(worker)
+
+
 def _get(conn: http.client.HTTPConnection, path: str, request_id: str, method: str = "GET"):
     conn.request(method, path, headers={"X-Request-Id": request_id})
     response = conn.getresponse()
@@ -700,10 +709,7 @@ def test_bodiless_chunked_and_small_answers_do_not_take_the_splice_path(make_pro
 def test_next_hop_closing_mid_spliced_body_truncates_the_client_connection(make_proxy):
     own_origin = Origin().start()
     try:
-        proxy = make_proxy(origin_server=own_origin)
-        (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
-        _warm_up(proxy.connection())
-        before = pipes(worker)
+        proxy, worker, before = _warmed(make_proxy, own_origin)
         conn = proxy.connection()
         conn.request("GET", "/truncate/400000", headers={"X-Request-Id": "cut"})
         response = conn.getresponse()
@@ -729,10 +735,7 @@ def test_next_hop_stalling_mid_spliced_body_is_cut_after_the_read_timeout(make_p
     own_origin = Origin().start()
     path = "/cache/stall-mid-body"
     try:
-        proxy = make_proxy(origin_server=own_origin, config="[upstream]\nread_timeout = 1\n")
-        (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
-        _warm_up(proxy.connection())
-        before = pipes(worker)
+        proxy, worker, before = _warmed(make_proxy, own_origin, "[upstream]\nread_timeout = 1\n")
         conn = proxy.connection(timeout=30)
         started = time.monotonic()
         conn.request("GET", f"{path}?size=400000&hold=body", headers={"X-Request-Id": "stall"})
@@ -760,10 +763,7 @@ def test_next_hop_stalling_mid_spliced_body_is_cut_after_the_read_timeout(make_p
 def test_client_abort_mid_spliced_download_closes_the_upstream_connection(make_proxy):
     own_origin = Origin().start()
     try:
-        proxy = make_proxy(origin_server=own_origin)
-        (worker,) = wait_for(lambda: proxy.workers(), what="the worker")
-        _warm_up(proxy.connection())
-        before = pipes(worker)
+        proxy, worker, before = _warmed(make_proxy, own_origin)
         size = 256 * 1024 * 1024
         sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
         sock.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\nX-Request-Id: abort\r\n\r\n".encode())
