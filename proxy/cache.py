@@ -293,7 +293,8 @@ class CacheLayer:
         extra_status: list[str] | None = None,
     ) -> Iterable[bytes]:
         """The stored response: whole, a 304 to a matching conditional, or
-        the ranges asked for (206, 416). Bodies go by sendfile(2)."""
+        the ranges asked for (206, 416). Bodies go by sendfile(2), or from
+        memory (``Store.open``'s small ones) with the head."""
         environ[RELAYED] = True
         stored = entry.stored
         now = time.time()
@@ -590,11 +591,22 @@ def _close(body: Iterable[bytes]) -> None:
 
 
 def _file_body(environ: dict[str, Any], file: BinaryIO, skip: int, length: int) -> Iterable[bytes]:
-    """``length`` bytes of the entry's body from ``skip``, in the server's
-    file wrapper (WSGI): the worker sends it with sendfile(2)."""
-    region = FileRegion(file, file.tell() + skip, length)
+    """``length`` bytes of the entry's body from ``skip``: kept in memory,
+    as one block; else in the server's file wrapper (WSGI), which the worker
+    sends with sendfile(2)."""
+    body = _stored_bytes(file, skip, length)
+    if isinstance(body, list):
+        return body
     wrapper = environ.get("wsgi.file_wrapper")
-    return wrapper(region, BLOCK_SIZE) if wrapper is not None else region
+    return wrapper(body, BLOCK_SIZE) if wrapper is not None else body
+
+
+def _stored_bytes(file: BinaryIO, skip: int, length: int) -> list[bytes] | FileRegion:
+    """``length`` bytes of what ``Store.open`` gave, from ``skip`` bytes into the body."""
+    if isinstance(file, io.BytesIO):  # a small body, kept in memory
+        start = file.tell() + skip
+        return [file.getvalue()[start : start + length]]
+    return FileRegion(file, file.tell() + skip, length)
 
 
 class _Parts:
@@ -608,11 +620,10 @@ class _Parts:
         self._heads = heads
 
     def __iter__(self) -> Iterator[bytes]:
-        start = self._file.tell()
         for part, head in zip(self._ranges, self._heads, strict=False):
             yield head
-            region = FileRegion(self._file, start + part.first, part.length)
-            yield from region  # raises if the file was cut under us: never a short body passed off as whole
+            # A file cut under us raises: never a short body passed off as whole.
+            yield from _stored_bytes(self._file, part.first, part.length)
         yield self._heads[-1]
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .headers import HOP_BY_HOP, Header
@@ -138,10 +138,16 @@ class RequestControl:
     only_if_cached: bool = False
 
 
+#: What a request without Cache-Control asks (most of them).
+_NO_REQUEST_CONTROL = RequestControl()
+
+
 def request_control(cache_control: str | None) -> RequestControl:
+    if cache_control is None:
+        return _NO_REQUEST_CONTROL
     d = directives(cache_control)
     if not d:
-        return RequestControl()
+        return _NO_REQUEST_CONTROL
     max_stale: float | None = None
     if "max-stale" in d:
         max_stale = math.inf if d["max-stale"] is None else _seconds(d["max-stale"])
@@ -298,6 +304,11 @@ class Stored:
     must_revalidate: bool
     stale_while_revalidate: float | None = None
     stale_if_error: float | None = None
+    #: ``headers`` without ``CONSUMED_FIELDS``: what every answer from the entry sends.
+    sent: tuple[Header, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sent", tuple(h for h in self.headers if h[0].lower() not in CONSUMED_FIELDS))
 
     @classmethod
     def make(cls, status: int, reason: str, headers: list[Header], request_time: float, response_time: float) -> Stored:
@@ -447,8 +458,7 @@ def sent_headers(stored: Stored, now: float, body_length: int, not_modified_only
     if not_modified_only:
         out = [(n, v) for n, v in stored.headers if n.lower() in _NOT_MODIFIED_FIELDS]
     else:
-        out = [(n, v) for n, v in stored.headers if n.lower() not in CONSUMED_FIELDS]
-        out.append(("Content-Length", str(body_length)))
+        out = [*stored.sent, ("Content-Length", str(body_length))]
     out.append(("Age", str(int(stored.age(now)))))
     return out
 
@@ -463,6 +473,8 @@ def cache_status(
     detail: str | None = None,
 ) -> str:
     """One RFC 9211 Cache-Status member for this cache."""
+    if hit and ttl is not None and fwd is None and fwd_status is None and not stored and detail is None:
+        return f"{CACHE_NAME}; hit; ttl={round(ttl)}"  # a plain hit, as below, without the list
     parts = [CACHE_NAME]
     if hit:
         parts.append("hit")

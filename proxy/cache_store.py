@@ -3,6 +3,7 @@
 Layout under ``PROXY_CACHE_DIR``::
 
     index.sqlite3          the index (WAL mode), shared by every process
+    index.generation       moves after every change of the entries (``proxy.generation``)
     objects/ab/<name>      one entry file per stored response
     tmp/<name>             fills in progress (same file system: rename is atomic)
 
@@ -24,6 +25,7 @@ import atexit
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -41,6 +43,7 @@ import gevent
 from .cache_config import CacheConfig
 from .cache_policy import Stored, surrogate_keys
 from .cache_policy import variant as select
+from .generation import Generation
 
 if TYPE_CHECKING:  # at run time proxy.ban (and re2) is imported only where a ban is checked
     from .ban import BanSubject
@@ -52,6 +55,8 @@ __all__ = [
     "INVALIDATION_WINDOW_S",
     "LOOKUP_SQL",
     "MAGIC",
+    "MEMORY_BODY_BYTES",
+    "ROWS_TRUSTED_S",
     "CacheDirError",
     "Claim",
     "Entry",
@@ -71,6 +76,7 @@ log = logging.getLogger("proxy")
 _T = TypeVar("_T")
 
 INDEX = "index.sqlite3"
+GENERATION = "index.generation"
 MAGIC = b"EPCACHE\x00"
 FORMAT_VERSION = 1
 _PREAMBLE = struct.Struct(">8sHI")  # magic, version, length of the JSON header
@@ -93,6 +99,17 @@ _VARIANT_ROWS = 256
 #: has served before runs no SELECT, decodes no JSON and reads no entry
 #: header while the index is unchanged.
 _MEMO_SIZE = 4096
+#: Bodies up to this size are kept in the worker once their file is verified
+#: (at most ``_MEMORY_TOTAL`` bytes, emptied when full): such a hit opens no
+#: file and leaves in one ``send`` with its head. The verified copy is what is
+#: served while the index row names the file; damage done to the file since
+#: is found when it is next read (by another worker, or once the memo empties).
+MEMORY_BODY_BYTES = 16 * 1024
+_MEMORY_TOTAL = 4 * 1024 * 1024
+#: A URL's remembered rows are read again after this long even if the shared
+#: generation has not moved: a process that died between its commit and
+#: moving it (or a writer other than this module) is noticed within this time.
+ROWS_TRUSTED_S = 1.0
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 #: The counters ``cache-stats`` prints (with the ``entries`` and
 #: ``bytes_stored`` gauges, read from the index). ``hits``: answered from an
@@ -186,6 +203,10 @@ class CacheDirError(Exception):
     """``PROXY_CACHE_DIR`` cannot hold the cache; the message says why."""
 
 
+class _Invalidated(Exception):
+    """A fill about to publish was hit by a purge, ban or invalidation since it began."""
+
+
 @contextlib.contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     """A write transaction that takes the write lock at once (so that it
@@ -194,10 +215,11 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # a failed COMMIT may leave it open
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def index_path(directory: Path) -> Path:
@@ -224,15 +246,16 @@ def prepare(directory: Path, config: CacheConfig, sweep: bool) -> None:
         probe = directory / "tmp" / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        Generation(directory / GENERATION).close()
         db = _connect(directory)
+        store = Store(directory, config, db)
         try:
             db.executescript(_SCHEMA)
-            store = Store(directory, config, db)
             store.evict(0)
             if sweep:
                 store.sweep()
         finally:
-            db.close()
+            store.close()
     except OSError as exc:
         raise CacheDirError(f"{exc.strerror or exc} ({exc.filename or directory})") from None
     except sqlite3.Error as exc:
@@ -384,6 +407,25 @@ def _vary_names(text: str) -> tuple[str, ...]:
     return tuple(json.loads(text))
 
 
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What says an entry file is the one verified: any rewrite, cut or replacement changes it."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _verify(f: BinaryIO, size: int, entry: Entry) -> int:
+    """Check an entry file's header (``f`` at its start, ``size`` bytes long)
+    against the index row; the body's offset. Raises ValueError."""
+    magic, version, length = _PREAMBLE.unpack(f.read(_PREAMBLE.size))
+    if magic != MAGIC or version != FORMAT_VERSION or length > 65536:
+        raise ValueError("not an entry file of this format")
+    head = json.loads(f.read(length))
+    if head.get("id") != entry.id or head.get("body") != entry.body_size:
+        raise ValueError("header names another entry")
+    if size != _PREAMBLE.size + length + entry.body_size:
+        raise ValueError("size does not match the header")
+    return int(_PREAMBLE.size + length)
+
+
 class Store:
     """One process's handle on the shared cache (open it after fork)."""
 
@@ -393,15 +435,21 @@ class Store:
         self._db = db
         self.trouble = _Trouble()
         self._objects = f"{directory}/objects/"
-        #: A URL's rows as last read, while the index is unchanged since (the stamp).
-        self._rows: dict[tuple[str, str, str], list[tuple[Any, ...]]] = {}
-        self._rows_stamp: tuple[int, int] = (-1, -1)
+        self._generation: Generation | None = None
+        #: A URL's rows as last read (with when, by the monotonic clock), while
+        #: the generation is the one they were read at.
+        self._rows: dict[tuple[str, str, str], tuple[float, list[tuple[Any, ...]]]] = {}
+        self._rows_generation = -1
         #: ``meta`` column text -> its Stored; ``vary`` column text -> its names.
         self._stored: dict[str, Stored] = {}
         self._names: dict[str, tuple[str, ...]] = {}
         #: Entry file -> (what fstat said of it, entry id, body size, body offset)
         #: when this worker last verified its header.
         self._verified: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
+        #: Entry file -> (entry id, its verified body), for bodies up to
+        #: ``MEMORY_BODY_BYTES``: served from here while the row names the file.
+        self._bodies: dict[str, tuple[str, bytes]] = {}
+        self._bodies_size = 0
         self._counts: dict[str, int] = {}
         self._flush_due = False
         self._exit_flush = False
@@ -411,6 +459,22 @@ class Store:
         if self._db is None:
             self._db = _connect(self.directory)
         return self._db
+
+    @property
+    def generation(self) -> Generation:
+        if self._generation is None:
+            self._generation = Generation(self.directory / GENERATION)
+        return self._generation
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that changes the entries: once it has
+        committed the generation moves, so every process's next lookup reads
+        the index again (a purge holds for every request after it returns)."""
+        db = self.db
+        with _transaction(db):
+            yield db
+        self.generation.bump()
 
     def _path(self, file: str) -> Path:
         return self.directory / "objects" / file[:2] / file
@@ -452,23 +516,23 @@ class Store:
     # -- lookup and hits ----------------------------------------------------------
 
     def _rows_of(self, key: Key) -> list[tuple[Any, ...]]:
-        """The URL's index rows: one indexed SELECT, or none at all when the
-        index has not changed since this worker last read them. Changed means
-        a commit by any other connection (``PRAGMA data_version``: every
-        purge, ban, fill and eviction of another process) or by this one
-        (``total_changes``)."""
-        db = self.db
-        stamp = (db.execute("PRAGMA data_version").fetchall()[0][0], db.total_changes)
-        if stamp != self._rows_stamp:
+        """The URL's index rows: one indexed SELECT, or none at all when this
+        worker read them less than ``ROWS_TRUSTED_S`` ago and the generation
+        has not moved since (every purge, ban, fill, refresh and eviction, by
+        any process, moves it after its commit)."""
+        generation = self.generation.value  # before the SELECT: a commit after it moves it again
+        if generation != self._rows_generation:
             self._rows.clear()
-            self._rows_stamp = stamp
+            self._rows_generation = generation
         where = (key.host, key.target, key.scheme)
-        rows = self._rows.get(where)
-        if rows is None:
-            rows = db.execute(LOOKUP_SQL, (*where, _VARIANT_ROWS)).fetchall()
-            if len(self._rows) >= _MEMO_SIZE:
-                self._rows.clear()
-            self._rows[where] = rows
+        now = time.monotonic()
+        kept = self._rows.get(where)
+        if kept is not None and now - kept[0] < ROWS_TRUSTED_S:
+            return kept[1]
+        rows = self.db.execute(LOOKUP_SQL, (*where, _VARIANT_ROWS)).fetchall()
+        if len(self._rows) >= _MEMO_SIZE:
+            self._rows.clear()
+        self._rows[where] = (now, rows)
         return rows
 
     def lookup(self, key: Key, request_header: Callable[[str], str | None]) -> Lookup:
@@ -487,13 +551,19 @@ class Store:
         return Lookup(None, "vary-miss")
 
     def open(self, entry: Entry) -> BinaryIO | None:
-        """The entry's file positioned at its body, verified; None (and the
-        entry removed) when it is missing, truncated, overwritten or foreign.
+        """The entry's body, verified: its file positioned at the body, or,
+        up to ``MEMORY_BODY_BYTES``, an ``io.BytesIO`` of the copy this worker
+        keeps. None (and the entry removed) when the file is missing,
+        truncated, overwritten or foreign.
 
         The header is read once per worker and file: later opens compare what
         fstat says (device, inode, size, mtime, ctime) with what it said then,
         so a file replaced, cut, grown or written to since is read again."""
         file = entry.file
+        kept = self._bodies.get(file)
+        if kept is not None and kept[0] == entry.id:
+            return io.BytesIO(kept[1])
+        known = self._verified.get(file)
         try:
             # Unbuffered: the descriptor sits at the body, which is sent from
             # it by sendfile(2) or pread(2), not read through a buffer.
@@ -502,35 +572,38 @@ class Store:
             self.remove(entry, "file missing")
             return None
         try:
-            st = os.fstat(f.fileno())
-            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            known = self._verified.get(file)
+            # fstat before reading: what is remembered is never newer than its stamp.
+            stamp = _stamp(os.fstat(f.fileno()))
             if known is not None and known[:3] == (stamp, entry.id, entry.body_size):
                 f.seek(known[3])
+            else:
+                known = (stamp, entry.id, entry.body_size, _verify(f, stamp[2], entry))
+                if len(self._verified) >= _MEMO_SIZE:
+                    self._verified.clear()
+                self._verified[file] = known
+            if entry.body_size > MEMORY_BODY_BYTES:
                 return f
-            preamble = f.read(_PREAMBLE.size)
-            magic, version, length = _PREAMBLE.unpack(preamble)
-            if magic != MAGIC or version != FORMAT_VERSION or length > 65536:
-                raise ValueError("not an entry file of this format")
-            head = json.loads(f.read(length))
-            if head.get("id") != entry.id or head.get("body") != entry.body_size:
-                raise ValueError("header names another entry")
-            if st.st_size != _PREAMBLE.size + length + entry.body_size:
-                raise ValueError("size does not match the header")
+            body = f.read(entry.body_size)
+            if len(body) != entry.body_size:
+                raise ValueError("the file ends before the body does")
         except (ValueError, struct.error, OSError, AttributeError) as exc:
             f.close()
             self._verified.pop(file, None)
             self.remove(entry, f"corrupt entry file {file}: {exc}")
             return None
-        if len(self._verified) >= _MEMO_SIZE:
-            self._verified.clear()
-        self._verified[file] = (stamp, entry.id, entry.body_size, _PREAMBLE.size + length)
-        return f
+        f.close()
+        if self._bodies_size + len(body) > _MEMORY_TOTAL:
+            self._bodies.clear()
+            self._bodies_size = 0
+        self._bodies[file] = (entry.id, body)
+        self._bodies_size += len(body)
+        return io.BytesIO(body)
 
     def remove(self, entry: Entry, why: str) -> None:
         log.warning("cache: removing %s (%s)", entry.key.url, why)
         try:
-            self.db.execute("DELETE FROM entries WHERE id = ? AND file = ?", (entry.id, entry.file))
+            with self._changing() as db:
+                db.execute("DELETE FROM entries WHERE id = ? AND file = ?", (entry.id, entry.file))
         except sqlite3.Error as exc:
             self.trouble.report("index", "cache: index write failed: %s", exc)
         self._unlink([entry.file])
@@ -538,6 +611,8 @@ class Store:
     def touch(self, entry: Entry, now: float) -> None:
         if now - entry.used < TOUCH_INTERVAL_S:
             return
+        key = entry.key
+        self._rows.pop((key.host, key.target, key.scheme), None)  # read again, with the new time
         try:
             self.db.execute("UPDATE entries SET used = ? WHERE id = ?", (now, entry.id))
         except sqlite3.Error as exc:
@@ -546,10 +621,11 @@ class Store:
     def refresh(self, entry: Entry, stored: Stored) -> None:
         """A 304 refreshed the entry's headers (the body file is unchanged)."""
         try:
-            self.db.execute(
-                "UPDATE entries SET meta = ?, used = ? WHERE id = ? AND file = ?",
-                (stored.to_json(), time.time(), entry.id, entry.file),
-            )
+            with self._changing() as db:
+                db.execute(
+                    "UPDATE entries SET meta = ?, used = ? WHERE id = ? AND file = ?",
+                    (stored.to_json(), time.time(), entry.id, entry.file),
+                )
         except sqlite3.Error as exc:
             self.trouble.report("index", "cache: index write failed: %s", exc)
 
@@ -588,60 +664,57 @@ class Store:
     def publish(self, fill: Fill, disk_size: int) -> bool:
         """Rename the finished temp file into place and add its row, atomically
         for every reader; evicts to stay within ``max_size``."""
-        db = self.db
         final = self._path(fill.file)
         removed: list[str] = []
         try:
             final.parent.mkdir(exist_ok=True)
-            db.execute("BEGIN IMMEDIATE")
             try:
-                if self._invalidated(db, fill):
-                    db.execute("ROLLBACK")
-                    return False
-                key = fill.key
-                old = _one(db, "SELECT file FROM entries WHERE id = ?", (fill.id,))
-                if old:
-                    removed.append(old[0])
-                    db.execute("DELETE FROM entries WHERE id = ?", (fill.id,))
-                siblings = db.execute(
-                    "SELECT id, file FROM entries WHERE host = ? AND target = ? AND scheme = ? ORDER BY used DESC",
-                    (key.host, key.target, key.scheme),
-                ).fetchall()
-                for entry_id, file in siblings[max(0, self.config.max_variants - 1) :]:
-                    removed.append(file)
-                    db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
-                removed.extend(self._evict_in(db, disk_size))
-                _add(db, {"evictions": len(removed) - (1 if old else 0)})  # the replaced entry is no eviction
-                os.rename(fill.temp, final)
-                now = time.time()
-                db.execute(
-                    "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        fill.id,
-                        key.scheme,
-                        key.host,
-                        key.target,
-                        fill.vary,
-                        fill.variant,
-                        fill.file,
-                        fill.written,
-                        disk_size,
-                        fill.stored.status,
-                        fill.stored.to_json(),
-                        now,
-                        now,
-                    ),
-                )
-                db.executemany(
-                    "INSERT OR IGNORE INTO tags VALUES (?, ?)",
-                    [(tag, fill.id) for tag in surrogate_keys(fill.stored.header("surrogate-key")) or ()],
-                )
-                db.execute("COMMIT")
+                with self._changing() as db:
+                    if self._invalidated(db, fill):
+                        raise _Invalidated
+                    key = fill.key
+                    old = _one(db, "SELECT file FROM entries WHERE id = ?", (fill.id,))
+                    if old:
+                        removed.append(old[0])
+                        db.execute("DELETE FROM entries WHERE id = ?", (fill.id,))
+                    siblings = db.execute(
+                        "SELECT id, file FROM entries WHERE host = ? AND target = ? AND scheme = ? ORDER BY used DESC",
+                        (key.host, key.target, key.scheme),
+                    ).fetchall()
+                    for entry_id, file in siblings[max(0, self.config.max_variants - 1) :]:
+                        removed.append(file)
+                        db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+                    removed.extend(self._evict_in(db, disk_size))
+                    _add(db, {"evictions": len(removed) - (1 if old else 0)})  # the replaced entry is no eviction
+                    os.rename(fill.temp, final)
+                    now = time.time()
+                    db.execute(
+                        "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            fill.id,
+                            key.scheme,
+                            key.host,
+                            key.target,
+                            fill.vary,
+                            fill.variant,
+                            fill.file,
+                            fill.written,
+                            disk_size,
+                            fill.stored.status,
+                            fill.stored.to_json(),
+                            now,
+                            now,
+                        ),
+                    )
+                    db.executemany(
+                        "INSERT OR IGNORE INTO tags VALUES (?, ?)",
+                        [(tag, fill.id) for tag in surrogate_keys(fill.stored.header("surrogate-key")) or ()],
+                    )
             except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                self._unlink([fill.file])
+                self._unlink([fill.file])  # renamed into place but not committed
                 raise
+        except _Invalidated:
+            return False
         except (OSError, sqlite3.Error) as exc:
             kind = "full" if _is_full(exc) else "index"
             self.trouble.report(kind, "cache: cannot store %s, passing through: %s", fill.key.url, exc)
@@ -706,8 +779,7 @@ class Store:
         return removed
 
     def evict(self, incoming: int) -> None:
-        db = self.db
-        with _transaction(db):
+        with self._changing() as db:
             removed = self._evict_in(db, incoming)
             _add(db, {"evictions": len(removed)})
         self._unlink(removed)
@@ -748,9 +820,8 @@ class Store:
         """Remove every variant of ``target`` (on ``host``, or on every host
         when None), in both schemes; fills in flight for it will not publish.
         ``purge``: a purge message (counted)."""
-        db = self.db
         host = host.lower() if host is not None else None
-        with _transaction(db):
+        with self._changing() as db:
             if host is None:
                 rows = db.execute("SELECT id, file FROM entries WHERE target = ?", (target,)).fetchall()
             else:
@@ -781,7 +852,7 @@ class Store:
                 matched.append((entry_id, file))
         for start in range(0, len(matched), 500):  # short transactions: workers keep writing
             batch = matched[start : start + 500]
-            with _transaction(db):
+            with self._changing():
                 db.executemany("DELETE FROM entries WHERE id = ? AND file = ?", batch)
         self._unlink([file for _, file in matched])
         return len(matched)
@@ -792,7 +863,7 @@ class Store:
         in flight carrying one of them will not publish."""
         db = self.db
         unique = list(dict.fromkeys(tags))
-        with _transaction(db):
+        with self._changing():
             rows: set[tuple[str, str]] = set()
             for start in range(0, len(unique), 500):
                 batch = unique[start : start + 500]
@@ -807,7 +878,10 @@ class Store:
         if self._db is not None:
             self._db.close()
             self._db = None
-            self._rows_stamp = (-1, -1)  # a new connection's stamps start anew
+            self._rows.clear()
+        if self._generation is not None:
+            self._generation.close()
+            self._generation = None
 
 
 def _subject(key: Key, stored: Stored) -> BanSubject:

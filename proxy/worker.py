@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import email.utils
 import gc
+import os
 import socket
 import time
 from types import TracebackType
@@ -321,6 +322,11 @@ class ProxyWorker(GeventWorker):  # type: ignore[misc]  # Gunicorn ships no type
         self.waits: dict[gevent.Greenlet, _IdleWait] = {}
         self.idle: dict[gevent.Greenlet, float] = {}
         capture.install()
+        # Gunicorn mounts the app under $SCRIPT_NAME, looked up in os.environ
+        # on every request: a request outside it would be a 500, and a
+        # missing key costs a KeyError each time. A proxy forwards the target
+        # as it came, mounted nowhere.
+        os.environ["SCRIPT_NAME"] = ""
         super().init_process()
 
     def load_wsgi(self) -> None:

@@ -410,6 +410,77 @@ def test_corrupt_entry_is_a_miss_and_removed(cached, origin, damage, served_firs
     assert "corrupt entry file" in cached.error_log()
 
 
+def hits_on_both_workers(proxy: Proxy, path: str, body: bytes) -> set[int]:
+    """Ask over four connections held open at once (spread over both
+    workers); each answer must be a hit with ``body``. The workers' pids."""
+    held = [proxy.connection() for _ in range(4)]
+    pids = set()
+    for n, conn in enumerate(held):
+        request_id = f"both-{path}-{n}-{time.monotonic_ns()}"
+        conn.request("GET", path, headers={"X-Request-Id": request_id})
+        response = conn.getresponse()
+        assert response.read() == body
+        assert statuses(response)[0].startswith("edge-proxy; hit"), statuses(response)
+        pids.add(record_of(proxy, request_id)["worker_pid"])
+    for conn in held:
+        conn.close()
+    return pids
+
+
+def test_small_bodies_are_served_from_the_workers_verified_copy(cached, origin):
+    """A body up to MEMORY_BODY_BYTES is read and verified once per worker,
+    then served from that copy while its index row lives: damage to its file
+    since then reaches no client, and a purge still holds at once."""
+    cache_dir = Path(cached.env["PROXY_CACHE_DIR"])
+    size = cache_store.MEMORY_BODY_BYTES
+    path = cache_url("small-copy", "Cache-Control:max-age=300", size=str(size))
+    before = set(entry_files(cache_dir))
+    get(cached, path)
+    (file,) = set(entry_files(cache_dir)) - before
+    assert len(hits_on_both_workers(cached, path, pattern_bytes(size))) == 2
+    os.truncate(file, file.stat().st_size - 100)  # a file read now fails verification
+    assert len(hits_on_both_workers(cached, path, pattern_bytes(size))) == 2
+    assert file.name not in cached.error_log()  # never read again, never found corrupt
+    assert origin.cache_count("/cache/small-copy") == 1
+    result = cached.hook("messagehandler", "purge", f"http://127.0.0.1:{cached.port}{path}")
+    assert result.returncode == 0, result.stderr
+    response, body = get(cached, path)
+    assert statuses(response)[0].startswith("edge-proxy; fwd=uri-miss; stored") and body == pattern_bytes(size)
+    assert origin.cache_count("/cache/small-copy") == 2
+
+
+def test_a_row_deleted_behind_the_proxys_back_is_noticed_within_a_second(cached, origin):
+    """A writer that does not move the shared generation (here: another
+    program on the index) is noticed all the same: a worker trusts the rows
+    it remembers for ROWS_TRUSTED_S only."""
+    cache_dir = Path(cached.env["PROXY_CACHE_DIR"])
+    path = cache_url("backstop", "Cache-Control:max-age=300", size="1000")
+    get(cached, path)
+    hits_on_both_workers(cached, path, pattern_bytes(1000))
+    db = sqlite3.connect(cache_store.index_path(cache_dir), timeout=10)
+    try:
+        db.execute("DELETE FROM entries WHERE target = ?", (path,))
+        db.commit()
+    finally:
+        db.close()
+    deadline = time.monotonic() + cache_store.ROWS_TRUSTED_S + 3  # well before TOUCH_INTERVAL_S rereads
+
+    def both_miss() -> bool:
+        conns = [cached.connection() for _ in range(4)]
+        try:
+            for conn in conns:
+                conn.request("GET", path, headers={"Cache-Control": "only-if-cached"})
+            answers = [conn.getresponse() for conn in conns]
+            for response in answers:
+                response.read()
+            return all(response.status == 504 for response in answers)
+        finally:
+            for conn in conns:
+                conn.close()
+
+    wait_for(both_miss, timeout=deadline - time.monotonic(), what="both workers to notice the deleted row")
+
+
 def test_eviction_at_max_size(make_proxy, tmp_path, origin):
     proxy = make_cached(make_proxy, tmp_path, config=CACHE_ON + "max_size = 1048576\nmax_object_size = 400000\n")
     paths = [cache_url(f"evict{n}", "Cache-Control:max-age=300", size="300000") for n in range(5)]
@@ -548,12 +619,15 @@ def multipart_parts(response, body: bytes) -> list[tuple[str, bytes]]:
     return [(part["Content-Range"], part.get_payload(decode=True)) for part in message.iter_parts()]
 
 
-def test_ranges_from_a_stored_entry_are_byte_exact(cached, origin):
-    size = 300000
+@pytest.mark.parametrize(
+    "size", [300000, cache_store.MEMORY_BODY_BYTES - 1000], ids=["from-the-file", "from-the-workers-copy"]
+)
+def test_ranges_from_a_stored_entry_are_byte_exact(cached, origin, size):
     modified = email.utils.formatdate(time.time() - 3600, usegmt=True)
     date = email.utils.formatdate(time.time(), usegmt=True)
+    name = f"ranges-{size}"
     path = cache_url(
-        "ranges",
+        name,
         "Cache-Control:max-age=300",
         "Content-Type:application/x-test",
         f"Last-Modified:{modified}",
@@ -578,16 +652,17 @@ def test_ranges_from_a_stored_entry_are_byte_exact(cached, origin):
     assert (response.status, body) == (206, whole[-500:])
     assert response.getheader("Content-Range") == f"bytes {size - 500}-{size - 1}/{size}"
 
-    response, body = get(cached, path, {"Range": "bytes=299990-"})
-    assert (response.status, body) == (206, whole[299990:])
+    response, body = get(cached, path, {"Range": f"bytes={size - 10}-"})
+    assert (response.status, body) == (206, whole[size - 10 :])
 
-    response, body = get(cached, path, {"Range": "bytes=200000-200099, 0-99"})
+    late = size * 2 // 3
+    response, body = get(cached, path, {"Range": f"bytes={late}-{late + 99}, 0-99"})
     assert response.status == 206
     assert response.getheader("Content-Type").startswith("multipart/byteranges; boundary=")
     assert int(response.getheader("Content-Length")) == len(body)
     assert multipart_parts(response, body) == [
         (f"bytes 0-99/{size}", whole[:100]),
-        (f"bytes 200000-200099/{size}", whole[200000:200100]),
+        (f"bytes {late}-{late + 99}/{size}", whole[late : late + 100]),
     ]
     assert all(p.count(b"Content-Type: application/x-test") for p in body.split(b"Content-Range")[:-1])
 
@@ -606,7 +681,7 @@ def test_ranges_from_a_stored_entry_are_byte_exact(cached, origin):
 
     response, body = get(cached, path, {"Range": "bytes=10-19"}, method="HEAD")  # Range is for GET only
     assert response.status == 200 and response.getheader("Content-Length") == str(size)
-    assert origin.cache_count("/cache/ranges") == 1
+    assert origin.cache_count(f"/cache/{name}") == 1
 
 
 def test_a_206_from_next_hop_is_not_stored(cached, origin):

@@ -199,6 +199,17 @@ def test_redirects_are_relayed_not_followed(shared_proxy, origin):
     assert [r.target for r in origin.requests] == ["/redirect"]
 
 
+def test_a_script_name_in_the_environment_mounts_nothing(make_proxy, origin):
+    """Gunicorn would strip $SCRIPT_NAME from the path and answer 500 to any
+    target outside it; a proxy forwards every target as it came."""
+    proxy = make_proxy(env={"SCRIPT_NAME": "/mounted"})
+    origin.reset()
+    for target in ("/elsewhere?a=1", "/mounted/x"):
+        response, _ = proxy.request("GET", target)
+        assert response.status == 200
+    assert [r.target for r in origin.requests] == ["/elsewhere?a=1", "/mounted/x"]
+
+
 # -- 3. a pooled connection closed by the origin is retried once ------------------------
 
 
