@@ -320,6 +320,13 @@ class Lookup:
     miss: str
 
 
+_URI_MISS = Lookup(None, "uri-miss")
+_VARY_MISS = Lookup(None, "vary-miss")
+#: One index row as a lookup uses it: its ``vary`` text, the names that
+#: text lists, the variant the row was stored for, and the row as a hit.
+_Row = tuple[str, tuple[str, ...], str, Lookup]
+
+
 def _one(db: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> tuple[Any, ...] | None:
     """The first row. ``fetchall``, not ``fetchone``: a statement left
     unfinished keeps its read transaction open, and the connection would go
@@ -438,7 +445,7 @@ class Store:
         self._generation: Generation | None = None
         #: A URL's rows as last read (with when, by the monotonic clock), while
         #: the generation is the one they were read at.
-        self._rows: dict[tuple[str, str, str], tuple[float, list[tuple[Any, ...]]]] = {}
+        self._rows: dict[tuple[str, str, str], tuple[float, list[_Row]]] = {}
         self._rows_generation = -1
         #: ``meta`` column text -> its Stored; ``vary`` column text -> its names.
         self._stored: dict[str, Stored] = {}
@@ -515,11 +522,11 @@ class Store:
 
     # -- lookup and hits ----------------------------------------------------------
 
-    def _rows_of(self, key: Key) -> list[tuple[Any, ...]]:
-        """The URL's index rows: one indexed SELECT, or none at all when this
-        worker read them less than ``ROWS_TRUSTED_S`` ago and the generation
-        has not moved since (every purge, ban, fill, refresh and eviction, by
-        any process, moves it after its commit)."""
+    def _rows_of(self, key: Key) -> list[_Row]:
+        """The URL's index rows, decoded: one indexed SELECT, or none at all
+        when this worker read them less than ``ROWS_TRUSTED_S`` ago and the
+        generation has not moved since (every purge, ban, fill, refresh and
+        eviction, by any process, moves it after its commit)."""
         generation = self.generation.value  # before the SELECT: a commit after it moves it again
         if generation != self._rows_generation:
             self._rows.clear()
@@ -529,7 +536,17 @@ class Store:
         kept = self._rows.get(where)
         if kept is not None and now - kept[0] < ROWS_TRUSTED_S:
             return kept[1]
-        rows = self.db.execute(LOOKUP_SQL, (*where, _VARIANT_ROWS)).fetchall()
+        rows = [
+            (
+                vary,
+                _memo(self._names, vary, _vary_names),
+                variant,
+                Lookup(Entry(entry_id, key, file, body_size, _memo(self._stored, meta, Stored.from_json), used), ""),
+            )
+            for entry_id, vary, variant, file, body_size, meta, used in self.db.execute(
+                LOOKUP_SQL, (*where, _VARIANT_ROWS)
+            ).fetchall()
+        ]
         if len(self._rows) >= _MEMO_SIZE:
             self._rows.clear()
         self._rows[where] = (now, rows)
@@ -539,16 +556,14 @@ class Store:
         """The variant stored for this request, if any."""
         rows = self._rows_of(key)
         if not rows:
-            return Lookup(None, "uri-miss")
+            return _URI_MISS
         chosen: dict[str, str | None] = {}
-        for entry_id, vary, stored_variant, file, body_size, meta, used in rows:
+        for vary, names, variant, found in rows:
             if vary not in chosen:
-                names = _memo(self._names, vary, _vary_names)
                 chosen[vary] = select(names, request_header)
-            if chosen[vary] == stored_variant:
-                stored = _memo(self._stored, meta, Stored.from_json)
-                return Lookup(Entry(entry_id, key, file, body_size, stored, used), "")
-        return Lookup(None, "vary-miss")
+            if chosen[vary] == variant:
+                return found
+        return _VARY_MISS
 
     def open(self, entry: Entry) -> BinaryIO | None:
         """The entry's body, verified: its file positioned at the body, or,

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 __all__ = [
     "HOP_BY_HOP",
@@ -26,15 +26,14 @@ __all__ = [
     "RELAYED",
     "HeaderRules",
     "InvalidHost",
-    "KeptResponseFields",
     "absolute_form_host",
     "connection_tokens",
     "downstream_response_headers",
     "forwardable_transfer_coding",
     "is_upgrade",
-    "kept_response_fields",
     "note_request_fields",
     "request_fields",
+    "response_field_role",
     "sendable_head",
     "transfer_codings",
     "upgrade_request_headers",
@@ -342,35 +341,22 @@ def downstream_response_headers(headers: Iterable[Header], connection: str | Non
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
-class KeptResponseFields(NamedTuple):
-    """What ``kept_response_fields`` decided for one response."""
+def response_field_role(lower: str, server_hop_by_hop: frozenset[str]) -> str:
+    """What the server's response does with a field of the app's answer (by
+    its lower-case name), given the fields Gunicorn treats as hop-by-hop:
 
-    #: Fields to put back after Gunicorn's checks, in order.
-    fields: list[Header]
-    #: The app's response has its own ``Server`` / ``Date``.
-    server: bool
-    date: bool
-    #: The app's response asks to close the client connection.
-    close: bool
-
-
-def kept_response_fields(headers: Iterable[Header]) -> KeptResponseFields:
-    """Of the app's response fields, those Gunicorn drops as if hop-by-hop
-    that the client must still get: the origin's ``Server`` and ``Date`` (a
-    proxy does not rewrite who answered, or when), whitespace-trimmed as
-    Gunicorn trims the rest. And whether ``Connection`` says ``close``:
-    Gunicorn drops that too and would keep the connection, which, after a
-    refused body, would mean reading that body to its end."""
-    kept: list[Header] = []
-    server = date = close = False
-    for name, value in headers:
-        lower = name.lower()
-        if lower == "server":
-            server = True
-            kept.append((name, value.strip(" \t")))
-        elif lower == "date":
-            date = True
-            kept.append((name, value.strip(" \t")))
-        elif lower == "connection" and "close" in connection_tokens(value):
-            close = True
-    return KeptResponseFields(kept, server, date, close)
+    - ``length`` (Content-Length): the body's length, sent;
+    - ``connection``: not sent; ``close`` in it closes the client connection
+      (Gunicorn drops it and would keep the connection, which, after a
+      refused body, would mean reading that body to its end), ``upgrade``
+      marks a protocol switch;
+    - ``upgrade``: sent for ``websocket`` only (Gunicorn's rule);
+    - ``server``, ``date``: sent. Gunicorn counts them hop-by-hop and would
+      send its own, but a proxy does not rewrite who answered, or when;
+    - ``drop``: Gunicorn's other hop-by-hop fields, not sent;
+    - ``send``: every other field."""
+    if lower == "content-length":
+        return "length"
+    if lower in ("connection", "upgrade", "server", "date"):
+        return lower
+    return "drop" if lower in server_hop_by_hop else "send"

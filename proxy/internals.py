@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import io
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ from typing import TYPE_CHECKING, Any
 from gevent import socket as gevent_socket
 from gevent.hub import Hub
 from gevent.server import StreamServer
+from gunicorn import util as _util
 from gunicorn.glogging import Logger as _GunicornLogger
 from gunicorn.http import body as _body
+from gunicorn.http import errors as _errors
 from gunicorn.http import unreader as _unreader
 from gunicorn.http import wsgi as _wsgi
 from gunicorn.workers import ggevent as _ggevent
@@ -49,13 +52,18 @@ __all__ = [
     "AcceptServer",
     "Attribute",
     "Class",
+    "GUNICORN_HOP_BY_HOP",
     "GunicornResponse",
     "InstanceAttribute",
     "InternalsError",
+    "InvalidResponseHeader",
+    "InvalidResponseHeaderName",
     "Method",
     "Piece",
     "add_histogram_counts",
     "QuietAccessLogger",
+    "RESPONSE_FIELD_NAME",
+    "RESPONSE_FIELD_VALUE",
     "check",
     "client_read_ahead",
     "raw_socket",
@@ -177,6 +185,11 @@ PIECES: tuple[Piece, ...] = (
     Piece("gunicorn", "gunicorn.http.wsgi", "create", Method(5), "looks Response up at call time"),
     Piece("gunicorn", "gunicorn.http.wsgi", "Response._emit_body", Method(2), "head leaves with the first bytes"),
     Piece("gunicorn", "gunicorn.http.wsgi", "Response.process_headers", Method(2), "keeps Server and Date"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "HEADER_VALUE_RE", Attribute(), "its header checks, in one pass"),
+    Piece("gunicorn", "gunicorn.http.wsgi", "TOKEN_RE", Attribute(), "its header checks, in one pass"),
+    Piece("gunicorn", "gunicorn.http.errors", "InvalidResponseHeader", Class(), "its header checks, in one pass"),
+    Piece("gunicorn", "gunicorn.http.errors", "InvalidResponseHeaderName", Class(), "its header checks, in one pass"),
+    Piece("gunicorn", "gunicorn.util", "hop_headers", Attribute(), "its header checks, in one pass"),
     Piece("gunicorn", "gunicorn.http.wsgi", "Response.default_headers", Method(1), "keeps Server and Date"),
     Piece("gunicorn", "gunicorn.http.wsgi", "Response.send_headers", Method(1), "head held back"),
     Piece("gunicorn", "gunicorn.http.wsgi", "Response.should_close", Method(1), "Connection: close"),
@@ -322,6 +335,15 @@ class GunicornResponse(_wsgi.Response):  # type: ignore[misc]
 
     def emit_body(self, data: bytes) -> None:
         super()._emit_body(data)
+
+
+#: Gunicorn's rules for the app's response fields (``Response.process_headers``),
+#: for the proxy's response, which applies them in its own single pass.
+RESPONSE_FIELD_NAME: re.Pattern[str] = _wsgi.TOKEN_RE
+RESPONSE_FIELD_VALUE: re.Pattern[str] = _wsgi.HEADER_VALUE_RE
+InvalidResponseHeader: type[Exception] = _errors.InvalidResponseHeader
+InvalidResponseHeaderName: type[Exception] = _errors.InvalidResponseHeaderName
+GUNICORN_HOP_BY_HOP: frozenset[str] = frozenset(_util.hop_headers)
 
 
 def use_response_class(cls: type[GunicornResponse]) -> None:

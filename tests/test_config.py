@@ -466,6 +466,45 @@ def test_a_request_middleware_made_unsendable_is_a_500_and_never_sent(make_proxy
     assert proxy.request("GET", "/fine/ok")[0].status == 200
 
 
+BAD_RESPONSE_FIELD = """
+def factory(app):
+    def middleware(environ, start_response):
+        kind = environ["RAW_URI"].rsplit("/", 1)[1]
+
+        def start(status, headers, exc_info=None):
+            if kind == "crlf":
+                headers = [*headers, ("X-Evil", "a\\r\\nX-Injected: 1")]
+            elif kind == "name":
+                headers = [*headers, ("X-Evil: 1\\r\\nX-Injected", "1")]
+            elif kind == "space":
+                headers = [*headers, ("X Evil", "1")]
+            elif kind == "bytes":
+                headers = [*headers, ("X-Evil", b"1")]
+            elif kind == "length":
+                headers = [(n, v) for n, v in headers if n.lower() != "content-length"] + [("Content-Length", "x")]
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
+
+    return middleware
+"""
+
+
+@pytest.mark.parametrize("kind", ["crlf", "name", "space", "bytes", "length"])
+def test_a_response_field_gunicorn_would_refuse_is_a_500_and_never_sent(make_proxy, kind):
+    """The worker's response checks the app's fields in its own pass, with
+    Gunicorn's patterns: what Gunicorn refuses never reaches the client."""
+    proxy = configured(make_proxy, 'middleware = "mw:factory"\n', {"mw.py": BAD_RESPONSE_FIELD})
+    conn = proxy.connection()
+    conn.request("GET", f"/evil/{kind}")
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 500
+    assert response.getheader("X-Injected") is None and response.getheader("X-Evil") is None
+    conn.close()
+    assert proxy.request("GET", "/fine/ok")[0].status == 200
+
+
 def test_middleware_exception_is_a_500_for_that_request_only(make_proxy):
     proxy = configured(make_proxy, 'middleware = "mw:factory"\n', {"mw.py": MIDDLEWARE})
     workers = proxy.workers()
