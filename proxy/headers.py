@@ -200,7 +200,7 @@ def note_request_fields(environ: MutableMapping[str, Any], fields: Sequence[tupl
     joined with ``; `` (RFC 9113 section 8.2.3), which is what middleware
     reading it needs. Nothing is done when no name repeats (the usual case).
     """
-    if not fields or len({name for name, _ in fields}) == len(fields):
+    if not fields or len(dict(fields)) == len(fields):
         return
     seen: set[str] = set()
     again: set[str] = set()
