@@ -203,12 +203,12 @@ class ProxyResponse(internals.GunicornResponse):
 
 
 #: Response field name -> its role (``response_field_role``), for names
-#: that passed Gunicorn's check; emptied when it reaches ``_FIELD_ROLES_SIZE``.
+#: that passed Gunicorn's check; emptied when it reaches ``_FIELD_MEMO_SIZE``.
 _field_roles: dict[str, str] = {}
 #: Response field values that passed Gunicorn's check (the same ones come
 #: again and again: types, cache policies, validators), emptied when full.
 _checked_values: set[str] = set()
-_FIELD_ROLES_SIZE = 4096
+_FIELD_MEMO_SIZE = 4096
 
 
 def _field_role(name: object) -> str:
@@ -217,7 +217,7 @@ def _field_role(name: object) -> str:
         raise TypeError(f"{name!r} is not a string")
     if not internals.RESPONSE_FIELD_NAME.fullmatch(name):
         raise internals.InvalidResponseHeaderName(repr(name))
-    if len(_field_roles) >= _FIELD_ROLES_SIZE:
+    if len(_field_roles) >= _FIELD_MEMO_SIZE:
         _field_roles.clear()
     role = _field_roles[name] = response_field_role(name.lower(), internals.GUNICORN_HOP_BY_HOP)
     return role
@@ -229,7 +229,7 @@ def _check_value(name: str, value: object) -> None:
         raise TypeError(f"{value!r} is not a string")
     if not internals.RESPONSE_FIELD_VALUE.fullmatch(value):
         raise internals.InvalidResponseHeader(repr(name))  # the name only: the value may be secret
-    if len(_checked_values) >= _FIELD_ROLES_SIZE:
+    if len(_checked_values) >= _FIELD_MEMO_SIZE:
         _checked_values.clear()
     _checked_values.add(value)
 
