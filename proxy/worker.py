@@ -21,7 +21,8 @@
    Content-Length body) is sent without passing through Python; request
    bodies are read 64 KiB ahead, not 1 MiB; what was loaded before serving
    is frozen out of the cyclic garbage collector; Gunicorn's settings are
-   read through a snapshot (``SettingsSnapshot``).
+   read through a snapshot (``SettingsSnapshot``); the app's response fields
+   get Gunicorn's checks in one pass that also decides what is sent.
 
 Gunicorn's and gevent's private parts are reached through ``proxy.internals``
 only, which checks them before anything here relies on them.
@@ -206,8 +207,10 @@ class ProxyResponse(internals.GunicornResponse):
 #: that passed Gunicorn's check; emptied when it reaches ``_FIELD_MEMO_SIZE``.
 _field_roles: dict[str, str] = {}
 #: Response field values that passed Gunicorn's check (the same ones come
-#: again and again: types, cache policies, validators), emptied when full.
+#: again and again: types, cache policies, validators), up to
+#: ``_CHECKED_VALUE_CHARS`` long; emptied when full.
 _checked_values: set[str] = set()
+_CHECKED_VALUE_CHARS = 256
 _FIELD_MEMO_SIZE = 4096
 
 
@@ -229,9 +232,10 @@ def _check_value(name: str, value: object) -> None:
         raise TypeError(f"{value!r} is not a string")
     if not internals.RESPONSE_FIELD_VALUE.fullmatch(value):
         raise internals.InvalidResponseHeader(repr(name))  # the name only: the value may be secret
-    if len(_checked_values) >= _FIELD_MEMO_SIZE:
-        _checked_values.clear()
-    _checked_values.add(value)
+    if len(value) <= _CHECKED_VALUE_CHARS:
+        if len(_checked_values) >= _FIELD_MEMO_SIZE:
+            _checked_values.clear()
+        _checked_values.add(value)
 
 
 _date = (0, "")
