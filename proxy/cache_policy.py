@@ -473,8 +473,6 @@ def cache_status(
     detail: str | None = None,
 ) -> str:
     """One RFC 9211 Cache-Status member for this cache."""
-    if hit and ttl is not None and fwd is None and fwd_status is None and not stored and detail is None:
-        return f"{CACHE_NAME}; hit; ttl={round(ttl)}"  # a plain hit, as below, without the list
     parts = [CACHE_NAME]
     if hit:
         parts.append("hit")

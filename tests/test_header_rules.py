@@ -13,6 +13,7 @@ import socket
 
 import pytest
 from conftest import Proxy, raw_exchange, wait_for
+from gunicorn.http.errors import InvalidResponseHeader, InvalidResponseHeaderName
 from raw_origin import RawOrigin
 
 from proxy.headers import (
@@ -25,6 +26,7 @@ from proxy.headers import (
     transfer_codings,
     upstream_request_headers,
 )
+from proxy.worker import ProxyResponse
 
 # == pure rules =======================================================================
 
@@ -134,6 +136,56 @@ def test_upgrade_is_an_http_1_1_request_naming_it_in_connection(environ, expecte
 def test_each_response_field_has_one_role(name, role):
     hop_by_hop = frozenset({"connection", "upgrade", "server", "date", "keep-alive", "transfer-encoding"})
     assert response_field_role(name, hop_by_hop) == role
+
+
+def _processed(fields):
+    response = ProxyResponse(None, None, None)  # no request, socket or settings: the pass does no I/O
+    response.process_headers(fields)
+    return response
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["first-time", "names-and-values-remembered"])
+def test_the_response_keeps_origin_server_and_date_and_sees_connection_close(again):
+    date = "Sun, 06 Nov 1994 08:49:37 GMT"
+    fields = [
+        ("Server", " origin/1 "),
+        ("X-A", "1 "),
+        ("date", date + "\t"),
+        ("Connection", "a, Close"),
+        ("Keep-Alive", "timeout=5"),
+        ("Content-Length", "3"),
+    ]
+    if again:
+        _processed(fields)
+    response = _processed(fields)
+    assert response.headers == [("Server", "origin/1"), ("X-A", "1"), ("date", date), ("Content-Length", "3")]
+    assert (response.origin_server, response.origin_date, response.must_close) == (True, True, True)
+    assert (response.response_length, response.upgrade) == (3, False)
+    plain = _processed([("Connection", "keep-alive")])
+    assert (plain.headers, plain.origin_server, plain.origin_date, plain.must_close) == ([], False, False, False)
+    switching = _processed([("Connection", "Upgrade"), ("Upgrade", "websocket")])
+    assert (switching.headers, switching.upgrade) == ([("Upgrade", "websocket")], True)
+    assert _processed([("Upgrade", "h2c")]).headers == []
+
+
+@pytest.mark.parametrize(
+    "remembered,field,error",
+    [
+        (("X-A", "1"), ("X-A", "1\r\nX-B: 2"), InvalidResponseHeader),
+        (("X-A", "1"), ("X-A", "\x00"), InvalidResponseHeader),
+        (("X-A", "1"), ("X A", "1"), InvalidResponseHeaderName),
+        (("X-A", "1"), ("X-A:", "1"), InvalidResponseHeaderName),
+        (("X-A", "1"), ("X-A", b"1"), TypeError),
+        (("X-A", "1"), (b"X-A", "1"), TypeError),
+        (("Content-Length", "1"), ("Content-Length", "x"), ValueError),
+    ],
+)
+def test_the_response_refuses_what_gunicorn_refuses_next_to_fields_it_remembers(remembered, field, error):
+    """A good field's name and value are remembered; a bad one sharing its
+    name or its value (as text) is still refused, with Gunicorn's error."""
+    _processed([remembered])
+    with pytest.raises(error):
+        _processed([remembered, field])
 
 
 def test_fields_that_do_not_repeat_are_forwarded_from_the_environ_as_before():
