@@ -44,10 +44,12 @@ class RequestBody:
         #: must close after the answer, or its next "request" would start mid-body.
         self.unfinished = False
 
-    def splice_to(self, sock: socket.socket) -> bool:
-        """Send a Content-Length body to ``sock`` with splice(2)
-        (``proxy.splice``); False when it cannot go that way (chunked,
-        a middleware's ``wsgi.input``, no splice here): iterate it instead."""
+    def splice_to(self, sock: socket.socket, head: bytes) -> bool:
+        """Send ``head`` and a Content-Length body to ``sock``, the body by
+        splice(2) (``proxy.splice``) after the bytes Gunicorn already read
+        of it, which leave with the head; False, with nothing sent, when it
+        cannot go that way (chunked, a middleware's ``wsgi.input``, no
+        splice here): iterate it instead."""
         length = self._remaining
         if length is None or not splice.AVAILABLE or self.started:
             return False
@@ -56,9 +58,8 @@ class RequestBody:
             return False
         self.started = True
         try:
-            if taken.held:
-                send_all(sock, taken.held)
-                self.bytes_read += len(taken.held)
+            send_all(sock, head + taken.held)
+            self.bytes_read += len(taken.held)
             for moved in splice.move(taken.sock, sock, taken.remaining):
                 self.bytes_read += moved
         except splice.SourceError as exc:  # the client's side; next-hop's raises OSError

@@ -53,7 +53,7 @@ __all__ = [
     "failure",
     "parse_head",
     "request_head",
-    "send_body",
+    "send_request",
 ]
 
 
@@ -89,18 +89,21 @@ def request_head(method: str, target: str, headers: list[Header], chunked: bool)
     return data
 
 
-def send_body(sock: socket.socket, body: RequestBody, chunked: bool) -> None:
-    """Stream a request body to next-hop, chunk-framed if ``chunked``; one
-    of known length by splice(2) where it can."""
-    if not chunked and body.splice_to(sock):
+def send_request(sock: socket.socket, head: bytes, body: RequestBody | None, chunked: bool) -> None:
+    """Send the request: ``head`` (``request_head``) with the body's first
+    bytes, one send and one segment for a small request (next-hop reads it
+    whole at once); the body chunk-framed if ``chunked``, one of known
+    length by splice(2) where it can."""
+    if body is None:
+        send_all(sock, head)
         return
-    if not chunked:
-        for chunk in body:
-            send_all(sock, chunk)
+    if not chunked and body.splice_to(sock, head):
         return
     for chunk in body:
-        send_all(sock, b"%x\r\n%s\r\n" % (len(chunk), chunk))
-    send_all(sock, b"0\r\n\r\n")
+        send_all(sock, head + (b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk))
+        head = b""
+    if chunked:
+        send_all(sock, head + b"0\r\n\r\n")
 
 
 # -- the answer -------------------------------------------------------------------------
@@ -362,9 +365,7 @@ class Upstream:
                     sock.settimeout(self.read_timeout)
                 metrics.upstream_connection(reused)
                 phase = "send"
-                send_all(sock, data)
-                if body is not None:
-                    send_body(sock, body, chunked)
+                send_request(sock, data, body, chunked)
                 phase = "answer"
                 reader = ResponseReader(method, upgrade)
                 head = _read_head(sock, reader)
