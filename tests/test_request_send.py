@@ -41,6 +41,8 @@ def _forward(client_sends: list[bytes], length: int | None) -> tuple[list[bytes]
     client, server = socket.socketpair()
     upstream, next_hop = socket.socketpair()
     with client, server, upstream, next_hop:
+        for sock in (client, server, next_hop):  # a stuck exchange fails the test, never hangs it
+            sock.settimeout(10)
         client.sendall(client_sends[0])
         request = next(RequestParser(Config(), server, ("127.0.0.1", 1)))
         for data in client_sends[1:]:  # the rest of the body, once Gunicorn parsed the head
