@@ -27,7 +27,14 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 BENCH_VENV = BENCH / ".venv"
 BENCH_PY = BENCH_VENV / "bin" / "python"
-PROXY_VENV = ROOT / ".venv"
+#: The interpreter the image runs: Debian's python3 (bookworm's CPython 3.11,
+#: built by Debian with profile-guided and link-time optimisation). Both
+#: Python proxies are measured under it, in venvs of the bench's own; a
+#: python3 built without those (pyenv's, say) costs about 22% more CPU a
+#: request (README.md, "What each lever gave").
+SHIPPED_PYTHON = Path("/usr/bin/python3")
+#: The proxy's venv for the bench: its runtime lock, under SHIPPED_PYTHON.
+PROXY_VENV = BENCH / ".proxy-venv"
 WRK_LUA = BENCH / "wrk.lua"
 
 KIB = 1024
@@ -245,24 +252,39 @@ def ensure_node_modules() -> None:
     _run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH)
 
 
+def venv_python() -> str:
+    """What the bench's venvs are made with: the image's interpreter where
+    this machine has it, else this one (with a warning: the numbers are then
+    not those of the image)."""
+    if SHIPPED_PYTHON.exists():
+        return str(SHIPPED_PYTHON)
+    log(f"{SHIPPED_PYTHON} (the image's interpreter) is missing: the Python proxies run under {sys.executable}")
+    return sys.executable
+
+
+def _ensure_venv(venv: Path, lock: Path) -> None:
+    """``venv`` made by ``venv_python()`` and filled from ``lock``; made
+    again when either changed (the stamp names the interpreter)."""
+    stamp = venv / ".installed"
+    python = venv_python()
+    if stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime and stamp.read_text() == python:
+        return
+    _run([python, "-m", "venv", "--clear", str(venv)])
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--require-hashes", "-r", str(lock)])
+    stamp.write_text(python)
+
+
 def ensure_bench_venv() -> None:
     """bench/.venv: WSGIProxy2, Gunicorn + gevent (the proxy's versions), matplotlib."""
-    stamp = BENCH_VENV / ".installed"
-    lock = BENCH / "requirements-lock.txt"
-    if stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime:
-        return
-    _run([sys.executable, "-m", "venv", str(BENCH_VENV)])
-    _run([str(BENCH_PY), "-m", "pip", "install", "--quiet", "--require-hashes", "-r", str(lock)])
-    stamp.touch()
+    _ensure_venv(BENCH_VENV, BENCH / "requirements-lock.txt")
 
 
 def ensure_proxy_venv(python: Path) -> None:
-    """The proxy's own venv, from its lock files (the Makefile's rule)."""
-    if python.exists():
-        return
-    if python != PROXY_VENV / "bin" / "python":
+    """The proxy's venv: its runtime lock file, as the image installs it."""
+    if python == PROXY_VENV / "bin" / "python":
+        _ensure_venv(PROXY_VENV, ROOT / "requirements-lock.txt")
+    elif not python.exists():
         sys.exit(f"bench: --proxy-python {python} does not exist")
-    _run(["make", "-C", str(ROOT), ".venv/.installed"])
 
 
 def install_everything(proxy_python: Path) -> None:
@@ -752,7 +774,7 @@ def versions(proxy_python: Path) -> dict:
         "wrk": out(["wrk", "-v"]),
         "node": out(["node", "--version"]),
         "http-proxy": json.loads(node_pkg.read_text())["version"] if node_pkg.exists() else None,
-        "proxy_python": out([str(proxy_python), "--version"]),
+        "proxy_python": out([str(proxy_python), "-c", "import sys; print(sys.version.split()[0], sys.base_prefix)"]),
         "proxy_gunicorn": out([str(proxy_python), "-m", "gunicorn", "--version"]),
         "wsgiproxy2": out([str(BENCH_PY), "-c", "import importlib.metadata as m; print(m.version('WSGIProxy2'))"]),
         "kernel": os.uname().release,

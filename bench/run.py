@@ -221,7 +221,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--proxy-python",
         type=Path,
         default=PROXY_VENV / "bin" / "python",
-        help="Python of the proxy's venv (default: .venv, made from the lock files if missing)",
+        help="Python of the proxy's venv (default: bench/.proxy-venv, the image's interpreter and lock file)",
     )
     p.add_argument("--no-install", action="store_true", help="do not install anything; fail if something is missing")
     p.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="JSON results (the PNG goes beside it)")
@@ -770,6 +770,7 @@ def main(argv: list[str]) -> int:
         f"edge proxy benchmark, {meta['date']}, mode {args.mode}: {machine['cpu_model']}, {machine['kernel']}, "
         f"{machine['cpus_online']} CPUs online (this run may use {machine['cpus_allowed']})"
     )
+    print(f"the proxy's Python: {meta['versions']['proxy_python']} (the image runs {harness.SHIPPED_PYTHON})")
     if skipped:
         print(skipped)
     elif layout is not None and layout.smt_siblings and "per_core" in measured:
@@ -777,8 +778,12 @@ def main(argv: list[str]) -> int:
     for section, targets in measured.values():
         print_section(section, targets, meta, args)
     print(f"\nresults: {args.out}\ncharts:  {', '.join(str(c) for c in charts) or 'none'}")
-    # The response reader against h11, in-process (docs/architecture.md).
-    reader_compare = [str(args.proxy_python), str(Path(__file__).with_name("reader_compare.py"))]
+    # The response reader against h11, in-process (docs/architecture.md):
+    # a ratio within one interpreter, run by the dev venv, which has h11.
+    reader_compare = [
+        str(harness.ROOT / ".venv" / "bin" / "python"),
+        str(Path(__file__).with_name("reader_compare.py")),
+    ]
     subprocess.run(reader_compare + (["--quick"] if args.quick else []), check=False)
     if args.check and any(t.passed is False for _, targets in measured.values() for t in targets):
         return 1
