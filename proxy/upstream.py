@@ -18,9 +18,9 @@ upgrade gets a dedicated connection, never a pooled one, as after a 101 it
 no longer speaks HTTP. ``failure`` alone says which status and log reason
 each failure gets.
 
-Nothing is retried, with one exception: a pooled connection next-hop closed
-while it sat idle is retried once on a new one, before any request body
-byte has been read (see ``Upstream.send``).
+Nothing is retried, with one exception: an idempotent request whose pooled
+connection next-hop had closed while it sat idle is retried once on a new
+one, before any request body byte has been read (see ``may_retry``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from .request_body import RequestBody
 from .sockets import BLOCK_SIZE, send_all
 
 __all__ = [
+    "IDEMPOTENT_METHODS",
     "BodyCut",
     "PooledConnection",
     "Response",
@@ -51,6 +52,7 @@ __all__ = [
     "Upstream",
     "UpstreamError",
     "failure",
+    "may_retry",
     "parse_head",
     "request_head",
     "send_request",
@@ -287,6 +289,20 @@ class Timing:
 
 #: Failures that mean a pooled connection was dead before this request used it.
 _STALE = (NoAnswer, ConnectionResetError, BrokenPipeError)
+#: RFC 9110 section 9.2.2: what may be sent again without asking the client.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+def may_retry(method: str, exc: BaseException, reused: bool, body: RequestBody | None) -> bool:
+    """Whether a failed first attempt goes again on a new connection: only
+    when the pooled connection was already dead (next-hop closed it while
+    idle, and the peek before reuse missed it by a hair), the method is
+    idempotent (a proxy must not repeat a POST on its own: next-hop may have
+    acted on it before the connection went), and no body byte has been
+    taken from the client (it could not be sent again)."""
+    return (
+        reused and isinstance(exc, _STALE) and method in IDEMPOTENT_METHODS and not (body is not None and body.started)
+    )
 
 
 class Upstream:
@@ -371,8 +387,7 @@ class Upstream:
                 head = _read_head(sock, reader)
             except BaseException as exc:
                 self.check_in(conn, upgrade, reuse=False)
-                stale = isinstance(exc, _STALE)
-                if stale and reused and attempt == 1 and not (body is not None and body.started):
+                if attempt == 1 and may_retry(method, exc, reused, body):
                     continue
                 mapped = failure(exc, phase, self.read_timeout)
                 if mapped is exc:

@@ -1048,6 +1048,25 @@ def test_pooled_connection_dropped_as_it_is_reused_is_retried_once(fresh_port, o
     assert_pool_healthy(port)
 
 
+@pytest.mark.parametrize(("method", "retried"), [("DELETE", True), ("POST", False), ("PATCH", False)])
+def test_only_idempotent_requests_are_retried_on_a_dropped_pooled_connection(fresh_port, origin, method, retried):
+    """RFC 9110 section 9.2.2: a proxy must not repeat a non-idempotent
+    request on its own, body or not (next-hop may have acted on it)."""
+    port = fresh_port
+    _warm_then(origin, "/act", Reply(after="close"))  # reads the request, then drops the connection
+    request = method.encode() + b" /act HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        assert _read(sock, 1, 10, 0).statuses == [200]
+        sock.sendall(request)
+        got = _read(sock, 1, 10, 0)
+    # first on a new connection, then on the pooled one (dropped), then, if
+    # idempotent, once more on a new one
+    indexes = [r.index for r in origin.received("/act")]
+    assert (got.statuses, indexes) == (([200], [0, 1, 0]) if retried else ([502], [0, 1]))
+    assert_pool_healthy(port)
+
+
 def test_dropped_pooled_connection_is_not_retried_once_the_body_was_sent(fresh_port, origin):
     port = fresh_port
     _warm_then(origin, "/upload", Reply(after="close"))
